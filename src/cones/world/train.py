@@ -1,0 +1,508 @@
+"""Train the embedded model on renders of the world: VAE, then UNet + text encoder, and the evaluation CLIP.
+
+Reads top to bottom: render a pool of scenes once, train each model in its own phase, export in the
+formats users already have (a diffusers Stable Diffusion folder, a transformers CLIPModel folder).
+
+Every phase is seeded, checkpoints every `checkpoint_every` steps into `out/` and resumes from there, so an
+interrupted run loses at most one interval. Phases can be bounded by wall-clock seconds as well as steps,
+which is how a fixed slot on a borrowed GPU is spent. The CLIP phase needs nothing from the others and can
+run in a second process at the same time (`--phases clip`).
+
+    python -m cones.world.train --out runs/world --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cones.world import models
+from cones.world.render import render
+from cones.world.scene import caption, caption_words, detailed_caption, detailed_words
+from cones.world.subjects import sample_training_scene
+from transformers import CLIPTokenizer
+
+from cones.world.tokenizer import build_clip_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(metadata={"help": "folder for the pool, checkpoints and exported models"})
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"}
+    )
+    seed: int = field(default=0, metadata={"help": "seeds scenes, captions, initialisation and batches"})
+    pool_size: int = field(default=200_000, metadata={"help": "scenes rendered once and reused every epoch"})
+    captions_per_scene: int = field(default=2, metadata={"help": "caption variants drawn per scene"})
+    workers: int = field(default=max(1, (os.cpu_count() or 2) - 1), metadata={"help": "render processes"})
+    vae_steps: int = 6000
+    vae_batch: int = 128
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 20000
+    unet_batch: int = 256
+    unet_lr: float = 4e-4
+    caption_dropout: float = field(default=0.1, metadata={"help": "share of empty captions, for guidance"})
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    clip_steps: int = 8000
+    clip_batch: int = 512
+    clip_lr: float = 5e-4
+    phase_seconds: dict = field(default_factory=dict, metadata={"help": "wall-clock cap per phase name"})
+    checkpoint_every: int = 500
+    mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The pool of renders
+
+
+def _render_one(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str], str]:
+    seed, index, n_captions = args
+    rng = random.Random(f"{seed}/scene/{index}")
+    scene = sample_training_scene(rng)
+    return render(scene), [caption(scene, rng) for _ in range(n_captions)], detailed_caption(scene)
+
+
+def render_pool(cfg: TrainConfig) -> dict:
+    """Render (or load) `cfg.pool_size` training scenes with their captions; cached in `out/pool.npz`."""
+    path = os.path.join(cfg.out, "pool.npz")
+    if os.path.exists(path):
+        data = np.load(path, allow_pickle=False)
+        return {k: data[k] for k in data.files}
+    jobs = [(cfg.seed, i, cfg.captions_per_scene) for i in range(cfg.pool_size)]
+    images = np.empty((cfg.pool_size, models.IMAGE_SIZE, models.IMAGE_SIZE, 3), np.uint8)
+    captions, details = [], []
+    bar = tqdm(total=cfg.pool_size, desc="render", unit="img")
+    if cfg.workers > 1:
+        with get_context("fork").Pool(cfg.workers) as pool:
+            results = pool.imap(_render_one, jobs, chunksize=256)
+            for i, (img, caps, det) in enumerate(results):
+                images[i] = img
+                captions.append(caps)
+                details.append(det)
+                bar.update()
+    else:
+        for i, (img, caps, det) in enumerate(map(_render_one, jobs)):
+            images[i] = img
+            captions.append(caps)
+            details.append(det)
+            bar.update()
+    bar.close()
+    pool = {"images": images, "captions": np.array(captions), "details": np.array(details)}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **pool)
+    os.replace(tmp, path)
+    return pool
+
+
+def world_tokenizers(out: str):
+    """The diffusion model's tokenizer (caption words) and the evaluation CLIP's (every detail word)."""
+    made = []
+    for name, words, length in (
+        ("tokenizer", caption_words(), models.MAX_TOKENS),
+        ("clip_tokenizer", detailed_words(), models.CLIP_MAX_TOKENS),
+    ):
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            made.append(CLIPTokenizer.from_pretrained(path))
+        else:
+            made.append(build_clip_tokenizer(words, path, length))
+    return tuple(made)
+
+
+def tokenize(tokenizer, texts, length: int) -> torch.Tensor:
+    return tokenizer(
+        list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Shared training machinery
+
+
+class Phase:
+    """Step counting, wall-clock cap, checkpoints and resume for one training phase."""
+
+    def __init__(self, cfg: TrainConfig, name: str, steps: int, modules: dict, optimizer):
+        self.cfg, self.name, self.steps = cfg, name, steps
+        self.modules, self.optimizer = modules, optimizer
+        self.path = os.path.join(cfg.out, f"checkpoint-{name}.pt")
+        self.step = 0
+        self.log: list[dict] = []
+        self.started = time.time()
+        self.seconds = cfg.phase_seconds.get(name)
+        self.done = False  # finished earlier: by steps or by its wall-clock cap
+        if os.path.exists(self.path):
+            state = torch.load(self.path, map_location=cfg.device, weights_only=False)
+            for key, module in modules.items():
+                module.load_state_dict(state["modules"][key])
+            optimizer.load_state_dict(state["optimizer"])
+            self.step, self.log, self.done = state["step"], state["log"], state["finished"]
+            torch.set_rng_state(state["cpu_rng"])
+
+    def progress(self) -> float:
+        """Fraction of the phase done, by steps or by wall clock, whichever is further along."""
+        by_time = (time.time() - self.started) / self.seconds if self.seconds else 0.0
+        return min(1.0, max(self.step / self.steps, by_time))
+
+    def lr(self, base: float, warmup: int = 200) -> float:
+        """Linear warm-up, then cosine decay to zero at the end of the phase."""
+        if self.step < warmup:
+            return base * (self.step + 1) / warmup
+        return base * 0.5 * (1 + math.cos(math.pi * self.progress()))
+
+    def should_continue(self) -> bool:
+        if self.step >= self.steps:
+            return False
+        return self.seconds is None or time.time() - self.started < self.seconds
+
+    def save(self, finished: bool = False) -> None:
+        state = {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "log": self.log,
+            "cpu_rng": torch.get_rng_state(),
+            "finished": finished,
+        }
+        tmp = self.path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+def autocast(cfg: TrainConfig):
+    enabled = cfg.mixed_precision and cfg.device.startswith("cuda")
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+        if enabled
+        else torch.autocast("cpu", enabled=False)
+    )
+
+
+def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The phases
+
+
+def train_vae(cfg: TrainConfig, images: torch.Tensor):
+    torch.manual_seed(cfg.seed)
+    vae = models.build_vae().to(cfg.device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    phase = Phase(cfg, "vae", cfg.vae_steps, {"vae": vae}, opt)
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed + phase.step)
+    bar = tqdm(total=cfg.vae_steps, initial=phase.step, desc="vae")
+    while not phase.done and phase.should_continue():
+        for g in opt.param_groups:
+            g["lr"] = phase.lr(cfg.vae_lr)
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen, device=cfg.device)
+        x = to_pixels(images[idx])  # (B, 3, 64, 64)
+        with autocast(cfg):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample
+        recon = recon.float()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        phase.step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if phase.step % 50 == 0:
+            phase.log.append({"step": phase.step, "loss": loss.item()})
+        if phase.step % cfg.checkpoint_every == 0:
+            phase.save()
+    bar.close()
+    if not phase.done:
+        phase.save(finished=True)
+    vae.eval()
+    # SD's scaling factor: latents scaled to unit variance, measured on the pool.
+    with torch.no_grad(), autocast(cfg):
+        sample = vae.encode(to_pixels(images[: min(2048, len(images))])).latent_dist.mean.float()
+    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+    return vae, phase.log
+
+
+@torch.no_grad()
+def encode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
+    """Latent means of every pool image, scaled as SD scales them: (N, 4, 16, 16)."""
+    out = []
+    for i in range(0, len(images), 1024):
+        with autocast(cfg):
+            out.append(vae.encode(to_pixels(images[i : i + 1024])).latent_dist.mean.float())
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def train_unet(
+    cfg: TrainConfig, latents: torch.Tensor, caption_ids: torch.Tensor, empty_ids: torch.Tensor, tokenizer
+):
+    """UNet and text encoder together, epsilon prediction, min-SNR weighting, EMA of both."""
+    torch.manual_seed(cfg.seed + 1)
+    unet = models.build_unet().to(cfg.device)
+    text_encoder = models.build_text_encoder(tokenizer).to(cfg.device)
+    ema_unet = models.build_unet().to(cfg.device)
+    ema_text = models.build_text_encoder(tokenizer).to(cfg.device)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text_encoder.state_dict())
+    for m in (ema_unet, ema_text):
+        m.requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    scheduler = models.build_train_scheduler()
+    alphas = scheduler.alphas_cumprod.to(cfg.device)
+    snr = alphas / (1 - alphas)
+    weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+    phase = Phase(
+        cfg,
+        "unet",
+        cfg.unet_steps,
+        {"unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
+        opt,
+    )
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed + 10 + phase.step)
+    n, variants = caption_ids.shape[:2]
+    bar = tqdm(total=cfg.unet_steps, initial=phase.step, desc="unet")
+    while not phase.done and phase.should_continue():
+        for g in opt.param_groups:
+            g["lr"] = phase.lr(cfg.unet_lr)
+        b = cfg.unet_batch
+        idx = torch.randint(0, n, (b,), generator=gen, device=cfg.device)
+        which = torch.randint(0, variants, (b,), generator=gen, device=cfg.device)
+        ids = caption_ids[idx, which]  # (B, T)
+        drop = torch.rand(b, generator=gen, device=cfg.device) < cfg.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids[None], ids)
+        x0 = latents[idx]  # (B, 4, 16, 16)
+        noise = torch.randn(x0.shape, generator=gen, device=cfg.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=cfg.device)
+        xt = scheduler.add_noise(x0, noise, t)
+        with autocast(cfg):
+            cond = text_encoder(ids)[0]  # (B, T, D)
+            pred = unet(xt, t, cond).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + phase.step) / (10 + phase.step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+        phase.step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if phase.step % 50 == 0:
+            phase.log.append({"step": phase.step, "loss": loss.item()})
+        if phase.step % cfg.checkpoint_every == 0:
+            phase.save()
+    bar.close()
+    if not phase.done:
+        phase.save(finished=True)
+    return ema_unet.eval(), ema_text.eval(), phase.log
+
+
+def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor, tokenizer):
+    """A small CLIP, contrastive on renders and their detailed captions."""
+    torch.manual_seed(cfg.seed + 2)
+    clip = models.build_clip(tokenizer).to(cfg.device)
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+    phase = Phase(cfg, "clip", cfg.clip_steps, {"clip": clip}, opt)
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed + 20 + phase.step)
+    mean = torch.tensor(CLIP_MEAN, device=cfg.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=cfg.device).view(1, 3, 1, 1)
+    bar = tqdm(total=cfg.clip_steps, initial=phase.step, desc="clip")
+    while not phase.done and phase.should_continue():
+        for g in opt.param_groups:
+            g["lr"] = phase.lr(cfg.clip_lr)
+        idx = torch.randint(0, len(images), (cfg.clip_batch,), generator=gen, device=cfg.device)
+        pixels = ((to_pixels(images[idx]) + 1) / 2 - mean) / std
+        ids = detail_ids[idx]
+        with autocast(cfg):
+            out = clip(input_ids=ids, pixel_values=pixels, return_loss=True)
+        loss = out.loss.float()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        phase.step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if phase.step % 50 == 0:
+            phase.log.append({"step": phase.step, "loss": loss.item()})
+        if phase.step % cfg.checkpoint_every == 0:
+            phase.save()
+    bar.close()
+    if not phase.done:
+        phase.save(finished=True)
+    return clip.eval(), phase.log
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Export
+
+
+def declare_float32(config_path: str) -> None:
+    """Weights are stored in fp16 to keep the package small; declare float32 so that transformers loads
+    them in full precision by default, as diffusers does for the UNet and VAE."""
+
+    def fix(node):
+        if isinstance(node, dict):
+            return {
+                k: ("float32" if k in ("dtype", "torch_dtype") and v else fix(v)) for k, v in node.items()
+            }
+        return node
+
+    with open(config_path) as f:
+        config = fix(json.load(f))
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_pipeline(path: str, vae, unet, text_encoder, tokenizer, dtype=torch.float16) -> None:
+    """Save a Stable Diffusion folder that `StableDiffusionPipeline.from_pretrained(path)` loads offline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.to("cpu", dtype),
+        text_encoder=text_encoder.to("cpu", dtype),
+        tokenizer=tokenizer,
+        unet=unet.to("cpu", dtype),
+        scheduler=models.build_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    declare_float32(os.path.join(path, "text_encoder", "config.json"))
+    # Older transformers read the BPE files; keep them beside tokenizer.json.
+    for name in ("vocab.json", "merges.txt"):
+        src = os.path.join(os.path.dirname(path), "tokenizer", name)
+        if os.path.exists(src):
+            with open(src, "rb") as f, open(os.path.join(path, "tokenizer", name), "wb") as g:
+                g.write(f.read())
+
+
+def export_clip(path: str, clip, tokenizer, dtype=torch.float16) -> None:
+    """Save a transformers CLIPModel folder with its tokenizer and preprocessing config."""
+    clip.to("cpu", dtype).save_pretrained(path, safe_serialization=True)
+    declare_float32(os.path.join(path, "config.json"))
+    tokenizer.save_pretrained(path)
+    for name in ("vocab.json", "merges.txt"):
+        src = os.path.join(os.path.dirname(path), "clip_tokenizer", name)
+        if os.path.exists(src):
+            with open(src, "rb") as f, open(os.path.join(path, name), "wb") as g:
+                g.write(f.read())
+    size = clip.config.vision_config.image_size
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
+        "resample": 3,
+    }
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The whole run
+
+
+def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -> dict:
+    """Run the requested phases; exports `out/sd` and/or `out/clip`. Returns timings and loss logs.
+
+    The pool of renders and the tokenizers are made first, whatever the phases ("pool" alone makes just
+    them, so that two processes can then train different phases from the same pool at once)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report: dict = {"config": asdict(cfg), "seconds": {}}
+    t0 = time.time()
+    sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out)
+    pool = render_pool(cfg)
+    report["seconds"]["render"] = time.time() - t0
+    if phases == ("pool",):
+        return report
+    images = torch.from_numpy(pool["images"]).to(cfg.device)
+    if "vae" in phases or "unet" in phases:
+        t = time.time()
+        vae, report["vae_log"] = train_vae(cfg, images)
+        report["seconds"]["vae"] = time.time() - t
+    if "unet" in phases:
+        t = time.time()
+        latents = encode_pool(cfg, vae, images)
+        caps = pool["captions"]  # (N, variants)
+        ids = tokenize(sd_tokenizer, caps.reshape(-1), models.MAX_TOKENS).view(*caps.shape, -1).to(cfg.device)
+        empty = tokenize(sd_tokenizer, [""], models.MAX_TOKENS)[0].to(cfg.device)
+        unet, text_encoder, report["unet_log"] = train_unet(cfg, latents, ids, empty, sd_tokenizer)
+        report["seconds"]["unet"] = time.time() - t
+        export_pipeline(os.path.join(cfg.out, "sd"), vae, unet, text_encoder, sd_tokenizer)
+    if "clip" in phases:
+        t = time.time()
+        ids = tokenize(clip_tokenizer, pool["details"], models.CLIP_MAX_TOKENS).to(cfg.device)
+        clip, report["clip_log"] = train_clip(cfg, images, ids, clip_tokenizer)
+        report["seconds"]["clip"] = time.time() - t
+        export_clip(os.path.join(cfg.out, "clip"), clip, clip_tokenizer)
+    report["seconds"]["total"] = time.time() - t0
+    with open(os.path.join(cfg.out, f"report-{'-'.join(phases)}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, tuple[str, ...]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--phases", default="vae,unet,clip", help="comma-separated: vae, unet, clip")
+    parser.add_argument("--out", required=True, help=TrainConfig.__dataclass_fields__["out"].metadata["help"])
+    parser.add_argument("--phase-seconds", default="{}", help='wall-clock cap per phase, JSON: {"unet": 300}')
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.name in ("out", "phase_seconds"):
+            continue
+        kind = int if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=f.default,
+            help=f.metadata.get("help", " ") + " (default: %(default)s)",
+        )
+    args = vars(parser.parse_args(argv))
+    phases = tuple(p.strip() for p in args.pop("phases").split(",") if p.strip())
+    args["phase_seconds"] = json.loads(args.pop("phase_seconds"))
+    args["mixed_precision"] = bool(args["mixed_precision"])
+    return TrainConfig(**args), phases
+
+
+if __name__ == "__main__":
+    config, chosen = parse_args()
+    train(config, chosen)
