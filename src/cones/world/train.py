@@ -25,14 +25,14 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from cones.world import models
 from cones.world.render import render
 from cones.world.scene import caption, caption_words, detailed_caption, detailed_words
 from cones.world.subjects import sample_training_scene
-from transformers import CLIPTokenizer
-
 from cones.world.tokenizer import build_clip_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,6 +65,10 @@ class TrainConfig:
     phase_seconds: dict = field(default_factory=dict, metadata={"help": "wall-clock cap per phase name"})
     checkpoint_every: int = 500
     mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    init_from: str = field(
+        default="",
+        metadata={"help": "exported SD folder to continue from: its VAE is kept, its UNet and text encoder trained on"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class Phase:
                 module.load_state_dict(state["modules"][key])
             optimizer.load_state_dict(state["optimizer"])
             self.step, self.log, self.done = state["step"], state["log"], state["finished"]
-            torch.set_rng_state(state["cpu_rng"])
+            torch.set_rng_state(state["cpu_rng"].cpu())
 
     def progress(self) -> float:
         """Fraction of the phase done, by steps or by wall clock, whichever is further along."""
@@ -265,6 +269,10 @@ def train_unet(
     torch.manual_seed(cfg.seed + 1)
     unet = models.build_unet().to(cfg.device)
     text_encoder = models.build_text_encoder(tokenizer).to(cfg.device)
+    if cfg.init_from:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_from, subfolder="unet").state_dict())
+        text_encoder.load_state_dict(
+            CLIPTextModel.from_pretrained(cfg.init_from, subfolder="text_encoder").state_dict())
     ema_unet = models.build_unet().to(cfg.device)
     ema_text = models.build_text_encoder(tokenizer).to(cfg.device)
     ema_unet.load_state_dict(unet.state_dict())
@@ -454,7 +462,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     if phases == ("pool",):
         return report
     images = torch.from_numpy(pool["images"]).to(cfg.device)
-    if "vae" in phases or "unet" in phases:
+    if cfg.init_from and "unet" in phases:
+        vae = AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").to(cfg.device).eval()
+    elif "vae" in phases or "unet" in phases:
         t = time.time()
         vae, report["vae_log"] = train_vae(cfg, images)
         report["seconds"]["vae"] = time.time() - t
