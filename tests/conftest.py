@@ -2,8 +2,11 @@ import os
 
 import pytest
 import torch
-
 from tiny import make_tiny_pipeline
+
+
+# Tiny models on a shared 2-core machine: one thread avoids the thread pool's stalls (3 s -> 20 ms a call).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
