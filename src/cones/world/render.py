@@ -76,7 +76,7 @@ def _polygon_inside(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarra
     inside = np.zeros(u.shape, dtype=bool)
     x0, y0 = poly[:, 0], poly[:, 1]
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    for a, b, c, d in zip(x0, y0, x1, y1):
+    for a, b, c, d in zip(x0, y0, x1, y1, strict=True):
         crosses = (b > v) != (d > v)
         with np.errstate(divide="ignore", invalid="ignore"):
             x_at = a + (v - b) * (c - a) / (d - b)
@@ -142,7 +142,7 @@ def _paint_background(b: Background, size: int, rng: np.random.Generator) -> np.
         img = np.array([10, 15, 45]) * (1 - yy[..., None]) + np.array([30, 35, 80]) * yy[..., None]
         n = 40
         sx, sy = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
-        for x, y in zip(sx, sy):
+        for x, y in zip(sx, sy, strict=True):
             img[(np.abs(xx - x) < 0.9 / size * SUPERSAMPLE) & (np.abs(yy - y) < 0.9 / size * SUPERSAMPLE)] = (
                 235
             )

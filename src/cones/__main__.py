@@ -1,0 +1,5 @@
+import sys
+
+from cones.cli import main
+
+sys.exit(main())

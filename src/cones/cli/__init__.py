@@ -1,0 +1,71 @@
+"""The `cones` command: one module per subcommand, each a thin call into the library.
+
+Every module in this package that defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`
+is a subcommand; adding a command is adding a file. A user error prints one line and a hint; the
+traceback appears only with `--debug` (or CONES_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed as one line, no traceback."""
+
+
+def _commands() -> dict:
+    commands = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "NAME") and hasattr(module, "run"):
+            commands[module.NAME] = module
+    return dict(sorted(commands.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cones",
+        description="Concept neurons in diffusion models: find them, shut them, store and combine them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _commands().items():
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("CONES_DEBUG") == "1"
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("cones: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, FileExistsError, FileNotFoundError, OSError) as e:
+        if debug:
+            raise
+        print(f"cones {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""CLIP alignment, as the paper measures it (section 4.1, after Textual Inversion).
+
+- Image alignment: mean cosine similarity, in CLIP image space, between generated images and the subject's
+  reference images (every pair). For several subjects, the mean over subjects.
+- Text alignment: mean cosine similarity between generated images and their prompt with the identifier
+  tokens removed.
+
+Works with any transformers `CLIPModel` folder (a user's ViT-L/14) and with the embedded world CLIP by
+default. Preprocessing is CLIP's (resize the short side, centre crop, normalise), done with PIL and numpy
+so that no image library beyond Pillow is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipScorer:
+    """Embeds images and texts with a CLIP model; every embedding is L2-normalised."""
+
+    def __init__(self, path: str | None = None, device: str | torch.device = "cpu"):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from cones import world
+
+        path = path or world.clip_path()
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"`--clip` {path!r} is not a folder; pass a transformers CLIPModel folder.")
+        self.device = torch.device(device)
+        self.model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).to(self.device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        self.size = self.model.config.vision_config.image_size
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+        config = os.path.join(path, "preprocessor_config.json")
+        if os.path.exists(config):
+            with open(config) as f:
+                pre = json.load(f)
+            self.mean, self.std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> (n, 3, size, size) normalised pixels."""
+        out = []
+        for im in images:
+            im = im.convert("RGB")
+            scale = self.size / min(im.size)
+            w, h = max(self.size, round(im.width * scale)), max(self.size, round(im.height * scale))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+            out.append((np.asarray(im, np.float32) / 255.0 - self.mean) / self.std)
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """(n, d) normalised image embeddings."""
+        chunks = []
+        for i in range(0, len(images), batch_size):
+            pixels = self.preprocess(images[i : i + batch_size]).to(self.device)
+            chunks.append(_features(self.model.get_image_features(pixel_values=pixels)))
+        return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, d) normalised text embeddings."""
+        ids = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        feats = _features(self.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def _features(out) -> torch.Tensor:
+    """transformers returns a tensor or, in newer versions, an output object holding the pooled features."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
+
+
+def image_alignment(generated: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean cosine similarity over all (generated, reference) pairs of normalised embeddings."""
+    return float((generated @ references.T).mean())
+
+
+def text_alignment(generated: torch.Tensor, prompt: torch.Tensor) -> float:
+    """Mean cosine similarity of normalised image embeddings to one normalised prompt embedding."""
+    return float((generated @ prompt.reshape(-1)).mean())
+
+
+def strip_identifiers(prompt: str, tokens: Sequence[str]) -> str:
+    """The prompt with the identifier words removed ("a sks dog" -> "a dog"), articles mended."""
+    words = [w for w in prompt.split() if w not in set(tokens)]
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "an"):
+            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative."""
+    pos, neg = np.asarray(positives, float), np.asarray(negatives, float)
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
