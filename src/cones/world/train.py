@@ -489,28 +489,32 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     return report
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, tuple[str, ...]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--phases", default="vae,unet,clip", help="comma-separated: vae, unet, clip")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training flags, one per `TrainConfig` field, plus `--phases`."""
+    parser.add_argument("--phases", default="vae,unet,clip", help="comma-separated: pool, vae, unet, clip")
     parser.add_argument("--out", required=True, help=TrainConfig.__dataclass_fields__["out"].metadata["help"])
     parser.add_argument("--phase-seconds", default="{}", help='wall-clock cap per phase, JSON: {"unet": 300}')
     for f in TrainConfig.__dataclass_fields__.values():
         if f.name in ("out", "phase_seconds"):
             continue
         kind = int if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=kind,
-            default=f.default,
-            help=f.metadata.get("help", " ") + " (default: %(default)s)",
-        )
-    args = vars(parser.parse_args(argv))
-    phases = tuple(p.strip() for p in args.pop("phases").split(",") if p.strip())
-    args["phase_seconds"] = json.loads(args.pop("phase_seconds"))
-    args["mixed_precision"] = bool(args["mixed_precision"])
-    return TrainConfig(**args), phases
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                            help=f.metadata.get("help", " ") + " (default: %(default)s)")
+
+
+def from_arguments(args: argparse.Namespace) -> tuple[TrainConfig, tuple[str, ...]]:
+    """The config and the phases named by parsed flags."""
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values["phase_seconds"] = json.loads(args.phase_seconds)
+    values["mixed_precision"] = bool(values["mixed_precision"])
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    return TrainConfig(**values), phases
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, tuple[str, ...]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return from_arguments(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

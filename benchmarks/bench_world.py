@@ -1,0 +1,138 @@
+"""How good is the embedded world model? The numbers the world's issue asks for, measured side by side.
+
+1. The evaluation CLIP on real renders: zero-shot choice of shape, colour and background (each attribute
+   chosen among all its values, the prompt's other words kept), and its subject-vs-class ROC AUC.
+2. The base model follows its prompts: the same zero-shot choices on images generated from single-object
+   prompts.
+3. Before any search, identifier prompts ("a sks circle") show the subject no more often than the class
+   prompt ("a circle") does: the detector's rate on both.
+4. Generation time of a batch of 16 images at 64x64 with 25 steps.
+
+    python benchmarks/bench_world.py            # full: writes benchmarks/results/world.{json,md}
+    python benchmarks/bench_world.py --quick    # fewer prompts and seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cones.evaluate import ClipScorer
+from cones.generate import generate
+from cones.pipeline import load_pipeline
+from cones.world.concepts import eval_prompts, subject_detector
+from cones.world.render import render
+from cones.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
+from cones.world.subjects import SUBJECTS
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
+
+
+def single_object_prompts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        out.append({"size": rng.choice(SIZES), "colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES),
+                    "background": rng.choice(BACKGROUNDS)})
+    return out
+
+
+def prompt_of(p: dict) -> str:
+    return f"a {p['size']} {p['colour']} {p['shape']} on a {p['background']} background"
+
+
+def canonical_render(p: dict, rng: random.Random) -> Image.Image:
+    """The plain render of a prompt: solid fill, no face or hat, a day sky without sun."""
+    from cones.world.scene import radius_for
+
+    thing = Thing(p["shape"], p["colour"], p["size"], radius=radius_for(p["size"], rng, False))
+    scene = Scene(Background(p["background"], horizon=rng.uniform(0.45, 0.7)), place([thing], None, rng))
+    return Image.fromarray(render(scene))
+
+
+def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]) -> dict[str, float]:
+    """Share of images whose CLIP choice of each attribute matches the prompt."""
+    emb = scorer.images(images)
+    hits = {a: 0 for a in ATTRIBUTES}
+    for i, p in enumerate(prompts):
+        for attr, values in ATTRIBUTES.items():
+            texts = [prompt_of({**p, attr: v}) for v in values]
+            choice = values[int((scorer.texts(texts) @ emb[i]).argmax())]
+            hits[attr] += choice == p[attr]
+    return {a: hits[a] / len(prompts) for a in ATTRIBUTES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n_prompts, n_seeds = (24, 2) if args.quick else (96, 2)
+    torch.manual_seed(0)
+    pipe, scorer = load_pipeline(), ClipScorer()
+    report: dict = {"model": "cones-world (embedded)", "settings": {"prompts": n_prompts, "seeds": n_seeds,
+                                                                    "steps": 25, "guidance_scale": 5.0}}
+
+    # 1. The CLIP on real renders.
+    prompts = single_object_prompts(n_prompts * n_seeds, seed=1)
+    rng = random.Random(2)
+    report["clip_on_renders"] = zero_shot(scorer, [canonical_render(p, rng) for p in prompts], prompts)
+    detectors = {name: subject_detector(scorer, s) for name, s in SUBJECTS.items()}
+    report["subject_auc"] = {name: d.auc for name, d in detectors.items()}
+
+    # 2. The base model on single-object prompts.
+    prompts = single_object_prompts(n_prompts, seed=3)
+    rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)))
+    images = [im for row in rows for im in row]
+    report["base_model"] = zero_shot(scorer, images, [p for p in prompts for _ in range(n_seeds)])
+
+    # 3. Chance: identifier prompts vs class prompts on the base model, before any search.
+    chance = {}
+    for name, subject in SUBJECTS.items():
+        rates = {}
+        for label, token in (("identifier", "sks"), ("class", None)):
+            rows = generate(pipe, eval_prompts(subject, token), list(range(n_seeds)))
+            emb = scorer.images([im for row in rows for im in row])
+            rates[label] = float(detectors[name].present(emb).float().mean())
+        chance[name] = rates
+    report["subject_rate_before_search"] = chance
+
+    # 4. Generation time, 16 images at 64x64, 25 steps, side by side with one image.
+    timings = {}
+    for batch in (1, 16):
+        generate(pipe, ["a red star on a sea background"] * batch, [0], batch_size=batch)  # warm-up
+        t = time.perf_counter()
+        generate(pipe, ["a red star on a sea background"] * batch, [0], batch_size=batch)
+        timings[f"batch_{batch}_seconds"] = time.perf_counter() - t
+    report["generation"] = {**timings, "threads": torch.get_num_threads()}
+
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "world.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = ["| check | shape | colour | background |", "|---|---|---|---|"]
+    for key, label in (("clip_on_renders", "CLIP zero-shot on real renders"),
+                       ("base_model", "base model's images (CLIP zero-shot)")):
+        r = report[key]
+        lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
+    lines += ["", "| subject | detector ROC AUC | detected before search: 'a sks ...' | '... ' (class prompt) |",
+              "|---|---|---|---|"]
+    for name in SUBJECTS:
+        c = chance[name]
+        lines.append(f"| {name} | {report['subject_auc'][name]:.3f} | {c['identifier']:.0%} | {c['class']:.0%} |")
+    g = report["generation"]
+    lines += ["", f"Generation, 64x64, 25 steps, CPU ({g['threads']} threads): 1 image {g['batch_1_seconds']:.1f} s, "
+              f"16 images {g['batch_16_seconds']:.1f} s."]
+    with open(os.path.join(RESULTS, "world.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

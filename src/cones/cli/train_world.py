@@ -1,0 +1,28 @@
+"""Train the embedded world model (VAE, UNet and text encoder, evaluation CLIP) from scratch, or continue.
+
+Renders its own data, checkpoints every few hundred steps and resumes from --out, so an interrupted run
+loses little. On a CPU this takes many hours; on one GPU, minutes (see the README).
+
+  cones train-world --out runs/world --device cuda
+  cones train-world --out runs/world --phases unet --init-from src/cones/world/weights/sd --device cuda
+"""
+
+from __future__ import annotations
+
+NAME = "train-world"
+HELP = "train (or continue training) the embedded world model and its evaluation CLIP"
+
+
+def add_arguments(p) -> None:
+    from cones.world import train
+
+    train.add_arguments(p)
+
+
+def run(args) -> int:
+    from cones.world.train import from_arguments, train
+
+    config, phases = from_arguments(args)
+    report = train(config, phases)
+    print(f"trained {', '.join(phases)} in {report['seconds']['total']:.0f} s; models in {config.out}")
+    return 0

@@ -1,0 +1,66 @@
+"""The embedded world model that cones ships: loads offline in standard classes, small, generates."""
+
+import os
+
+import pytest
+import torch
+
+from cones import world
+
+
+def test_shipped_weights_are_small():
+    total = 0
+    for root, _, files in os.walk(world.WEIGHTS):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    assert total < 40 * 1024 * 1024
+
+
+def test_stable_diffusion_pipeline_loads_it_offline(monkeypatch):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(world.model_path())
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red star on a sea background", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert pipe.tokenizer.tokenize("a sks circle") == ["a</w>", "sks</w>", "circle</w>"]
+
+
+def test_clip_loads_and_prefers_the_true_caption():
+    from PIL import Image
+
+    from cones.evaluate import ClipScorer
+    from cones.world.render import render
+    from cones.world.scene import Background, Scene, Thing
+
+    scorer = ClipScorer()
+    scene = Scene(Background("grass"), (Thing("square", "blue", "big", x=0.5, y=0.6, radius=0.25),))
+    emb = scorer.images([Image.fromarray(render(scene))])
+    texts = scorer.texts(["a big blue square on a grass background", "a big red star on a night background"])
+    sims = (emb @ texts.T)[0]
+    assert sims[0] > sims[1]
+
+
+@pytest.mark.slow
+def test_training_code_runs_every_phase_and_exports(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    from cones.world.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=48, workers=1, vae_steps=2, vae_batch=4,
+                      unet_steps=2, unet_batch=4, clip_steps=2, clip_batch=8, checkpoint_every=1)
+    report = train(cfg)
+    assert set(report["seconds"]) >= {"render", "vae", "unet", "clip"}
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd"))
+    assert pipe.vae.config.scaling_factor > 0
+    CLIPModel.from_pretrained(os.path.join(tmp_path, "clip"))
+    # a second run resumes from the finished checkpoints instead of training again: same weights out
+    first = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    train(cfg)
+    state = torch.load(os.path.join(tmp_path, "checkpoint-unet.pt"), weights_only=False)
+    assert state["step"] == 2 and state["finished"]
+    again = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd")).unet.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
