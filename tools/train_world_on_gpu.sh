@@ -4,12 +4,13 @@
 # processes: both models are small, and one alone leaves most of the GPU idle.
 #
 #   OUT=/tmp/out bash tools/train_world_on_gpu.sh            # on the GPU machine, from the repo root
-# Optional: POOL (scenes), UNET_S, VAE_S, CLIP_S (wall-clock seconds per phase), DEVICE.
+# Optional: POOL (scenes), UNET_S, VAE_S, CLIP_S (wall-clock seconds per phase), DEVICE, SD_PHASES
+# (vae,unet by default; "unet" with SD_EXTRA="--init-from FOLDER" continues a model), SD_EXTRA, CLIP_EXTRA.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 POOL=${POOL:-200000}; VAE_S=${VAE_S:-75}; UNET_S=${UNET_S:-330}; CLIP_S=${CLIP_S:-300}; DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/world}
-EXTRA=${EXTRA:-}
+EXTRA=${EXTRA:-}; SD_EXTRA=${SD_EXTRA:-}; CLIP_EXTRA=${CLIP_EXTRA:-}; SD_PHASES=${SD_PHASES:-vae,unet}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$WORK" "$OUT"
 # Tokenizers made beforehand travel with the job, so every machine trains on the very same vocabulary files.
@@ -19,10 +20,10 @@ start=$(date +%s)
 python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases pool --pool-size "$POOL" $EXTRA 2>&1 | tail -n 3
 echo "pool rendered in $(( $(date +%s) - start )) s"
 python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases clip --pool-size "$POOL" \
-  --phase-seconds "{\"clip\": $CLIP_S}" $EXTRA > "$OUT/clip.log" 2>&1 &
+  --phase-seconds "{\"clip\": $CLIP_S}" $EXTRA $CLIP_EXTRA > "$OUT/clip.log" 2>&1 &
 clip_pid=$!
-python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases vae,unet --pool-size "$POOL" \
-  --phase-seconds "{\"vae\": $VAE_S, \"unet\": $UNET_S}" $EXTRA > "$OUT/unet.log" 2>&1 || { tail -n 30 "$OUT/unet.log"; exit 1; }
+python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases "$SD_PHASES" --pool-size "$POOL" \
+  --phase-seconds "{\"vae\": $VAE_S, \"unet\": $UNET_S}" $EXTRA $SD_EXTRA > "$OUT/unet.log" 2>&1 || { tail -n 30 "$OUT/unet.log"; exit 1; }
 wait $clip_pid || { tail -n 30 "$OUT/clip.log"; exit 1; }
 echo "trained in $(( $(date +%s) - start )) s"
 python3 - "$WORK" "$OUT" "$DEVICE" <<'PY'
@@ -38,12 +39,14 @@ for p in prompts:
     ims = pipe([p] * 8, num_inference_steps=25, height=64, width=64, generator=torch.Generator(device).manual_seed(0)).images
     rows.append(np.concatenate([np.asarray(i) for i in ims], axis=1))
 Image.fromarray(np.concatenate(rows, axis=0)).save(f"{out}/samples.png")
-for name in ("vae-unet", "clip"):
-    r = json.load(open(f"{work}/report-{name}.json"))
+import glob, os
+for path in sorted(glob.glob(f"{work}/report-*.json")):
+    name = os.path.basename(path)[7:-5]
+    r = json.load(open(path))
     print(name, {k: round(v, 1) for k, v in r["seconds"].items()},
           {k: (len(v), v[-1] if v else None) for k, v in r.items() if k.endswith("_log")})
 PY
-tar -C "$WORK" -cf /tmp/world-weights.tar sd clip report-vae-unet.json report-clip.json
+(cd "$WORK" && tar -cf /tmp/world-weights.tar sd clip report-*.json)
 split -b 15m -d /tmp/world-weights.tar "$OUT/weights.tar.part"
 ls -la "$OUT"
 echo "done in $(( $(date +%s) - start )) s"

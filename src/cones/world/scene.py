@@ -236,36 +236,54 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return text
 
 
-def detailed_thing(t: Thing) -> str:
-    words = f"a {t.size} {t.colour} {t.shape}"  # sizes start with a consonant
-    if t.pattern != "solid":
-        words += f" with {t.tone} {PATTERN_WORDS[t.pattern]}"
-    if t.face:
-        words += " with a face"
+def _keep(rng: random.Random | None, p_drop: float) -> bool:
+    return rng is None or rng.random() >= p_drop
+
+
+def detailed_thing(t: Thing, rng: random.Random | None = None) -> str:
+    """ "a small red circle with white dots with a face wearing a purple hat"; with `rng`, details are
+    sometimes left out, so that the CLIP also learns what partial descriptions match."""
+    words = ["a"]
+    if _keep(rng, 0.3):
+        words.append(t.size)
+    if _keep(rng, 0.15):
+        words.append(t.colour)
+    words.append(t.shape)
+    if t.pattern != "solid" and _keep(rng, 0.3):
+        words.append(f"with {t.tone} {PATTERN_WORDS[t.pattern]}")
+    if t.face and _keep(rng, 0.3):
+        words.append("with a face")
     if t.hat is not None:
-        words += f" wearing a {t.hat.colour} hat"
-        if t.hat.band:
-            words += f" with a {t.hat.band} band"
-    return words
+        if _keep(rng, 0.3):
+            words.append(f"wearing a {t.hat.colour} hat")
+            if t.hat.band and _keep(rng, 0.3):
+                words.append(f"with a {t.hat.band} band")
+        else:
+            words.append("wearing a hat")
+    if words[1][0] in "aeiou":
+        words[0] = "an"
+    return " ".join(words)
 
 
-def detailed_background(b: Background) -> str:
+def detailed_background(b: Background, rng: random.Random | None = None) -> str:
     words = f"on a {b.kind} background"
-    if b.kind in PLACES and b.kind != "night" and b.sky == "sunset":
+    if b.kind in PLACES and b.kind != "night" and b.sky == "sunset" and _keep(rng, 0.3):
         words += " at sunset"
-    if b.sun:
+    if b.sun and _keep(rng, 0.3):
         words += " with a moon" if b.kind == "night" else " with a sun"
     return words
 
 
-def detailed_caption(scene: Scene) -> str:
-    """The evaluation CLIP's caption: every feature named, nothing dropped."""
-    parts = [detailed_thing(t) for t in scene.things]
+def detailed_caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """The evaluation CLIP's caption: every feature named; with `rng`, some details dropped at random."""
+    parts = [detailed_thing(t, rng) for t in scene.things]
     if len(parts) == 2:
         text = f"{parts[0]} {scene.relation} {parts[1]}"
     else:
         text = " and ".join(parts)
-    bg = detailed_background(scene.background)
+    if text and not _keep(rng, 0.15):
+        return text
+    bg = detailed_background(scene.background, rng)
     return f"{text} {bg}" if text else f"a {bg.removeprefix('on a ')}"
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from cones.world import models
 from cones.world.render import render
@@ -65,6 +65,7 @@ class TrainConfig:
     phase_seconds: dict = field(default_factory=dict, metadata={"help": "wall-clock cap per phase name"})
     checkpoint_every: int = 500
     mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    clip_init_from: str = field(default="", metadata={"help": "exported CLIP folder to continue training from"})
     init_from: str = field(
         default="",
         metadata={"help": "exported SD folder to continue from: its VAE is kept, its UNet and text encoder trained on"},
@@ -75,11 +76,13 @@ class TrainConfig:
 # 1. The pool of renders
 
 
-def _render_one(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str], str]:
+def _render_one(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+    """A scene's render, its diffusion captions, and its CLIP captions (the full one, then partial ones)."""
     seed, index, n_captions = args
     rng = random.Random(f"{seed}/scene/{index}")
     scene = sample_training_scene(rng)
-    return render(scene), [caption(scene, rng) for _ in range(n_captions)], detailed_caption(scene)
+    details = [detailed_caption(scene)] + [detailed_caption(scene, rng) for _ in range(n_captions)]
+    return render(scene), [caption(scene, rng) for _ in range(n_captions)], details
 
 
 def render_pool(cfg: TrainConfig) -> dict:
@@ -337,6 +340,8 @@ def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor,
     """A small CLIP, contrastive on renders and their detailed captions."""
     torch.manual_seed(cfg.seed + 2)
     clip = models.build_clip(tokenizer).to(cfg.device)
+    if cfg.clip_init_from:
+        clip.load_state_dict(CLIPModel.from_pretrained(cfg.clip_init_from).state_dict())
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
     phase = Phase(cfg, "clip", cfg.clip_steps, {"clip": clip}, opt)
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed + 20 + phase.step)
@@ -347,8 +352,9 @@ def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor,
         for g in opt.param_groups:
             g["lr"] = phase.lr(cfg.clip_lr)
         idx = torch.randint(0, len(images), (cfg.clip_batch,), generator=gen, device=cfg.device)
+        which = torch.randint(0, detail_ids.shape[1], (cfg.clip_batch,), generator=gen, device=cfg.device)
         pixels = ((to_pixels(images[idx]) + 1) / 2 - mean) / std
-        ids = detail_ids[idx]
+        ids = detail_ids[idx, which]  # (B, T): the full caption or a partial one
         with autocast(cfg):
             out = clip(input_ids=ids, pixel_values=pixels, return_loss=True)
         loss = out.loss.float()
@@ -479,7 +485,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet, text_encoder, sd_tokenizer)
     if "clip" in phases:
         t = time.time()
-        ids = tokenize(clip_tokenizer, pool["details"], models.CLIP_MAX_TOKENS).to(cfg.device)
+        details = pool["details"]  # (N, variants)
+        ids = tokenize(clip_tokenizer, details.reshape(-1), models.CLIP_MAX_TOKENS)
+        ids = ids.view(*details.shape, -1).to(cfg.device)
         clip, report["clip_log"] = train_clip(cfg, images, ids, clip_tokenizer)
         report["seconds"]["clip"] = time.time() - t
         export_clip(os.path.join(cfg.out, "clip"), clip, clip_tokenizer)
