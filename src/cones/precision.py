@@ -1,0 +1,495 @@
+"""Tuning the values of concept neurons at float32, float16, quaternary or binary precision (paper sec. 3.2, fig. 3).
+
+Binary is Cones itself: the concept neurons are shut (set to 0), nothing is tuned, and a `.cones` file of
+indices is all there is to store. The other precisions optimise the concept-implanting loss over the values
+of the concept neurons only (every other weight frozen) and store the values next to the indices:
+
+- `"float32"`, `"float16"`: a free value per neuron, stored in that dtype;
+- `"quaternary"`: a value in {0, 1/3, 2/3, 1} · θ0 per neuron (θ0 the base model's weight there), i.e. a
+  2-bit code c with value c/3 · θ0; nothing but the codes is stored (no codebook), since θ0 is in the
+  base model.
+
+How they are tuned: each neuron's value is written θ = ξ · θ0, as in the search's Algorithm A2, and Adam
+descends ξ (so each weight moves at a rate proportional to its own size). ξ starts at 0, the binary solution,
+unless `init="original"`. In the forward pass the value is rounded to the precision (float16 rounding; the
+nearest quaternary level of clamp(ξ, 0, 1)), and the gradient passes the rounding unchanged (the
+straight-through estimator); for quaternary ξ is kept in [0, 1] after each step. The search's conventions
+hold: weights are written in place, gradients are taken with `torch.autograd.grad`, and the UNet's weights and
+`requires_grad` flags are put back bit for bit when tuning ends, also when it fails.
+
+Using tuned values: `TunedConcept.apply(unet)` writes them into the UNet and `remove(unet)` restores the
+original weights bit for bit (`with tuned.applied(unet): ...` does both). One tuned concept at a time per UNet,
+and not together with shut concepts (`cones.switching`): to combine subjects, tune their union.
+
+The values file (`.cones-values`, a plain safetensors file next to the concept's `.cones` file, which it
+leaves untouched, so `cones.storage.load_concept_file` reads the indices as always): one 1-D tensor per
+parameter with neurons, keyed by its diffusers name, holding that parameter's values in the order of the
+concept's sorted indices: F32 or F16 values, or for quaternary U8 bytes packing four 2-bit codes each (the
+first neuron in the lowest two bits; the last byte padded with zero codes). Its safetensors metadata has one
+key, `"cones_values"`, holding this JSON object:
+
+    format          "cones-values"
+    format_version  1
+    precision       "float32", "float16" or "quaternary"
+    concept         the sha256 fingerprint of the concept's parameters, shapes and indices (`fingerprint`)
+    counts          {name: number of neurons} for the parameters with neurons
+    metadata        free JSON object (tuning settings, by convention under "tune")
+
+`load_values` refuses a file whose fingerprint is not the given concept's. Binary has no values file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+import torch
+from tqdm.auto import tqdm
+
+from cones import switching
+from cones.neurons import ConceptNeurons
+from cones.objective import Objective
+
+__all__ = [
+    "PRECISIONS",
+    "TuneResult",
+    "TunedConcept",
+    "ValuesFileError",
+    "fingerprint",
+    "load_values",
+    "pack_codes",
+    "quaternary_values",
+    "read_values_header",
+    "tune_values",
+    "unpack_codes",
+    "values_bytes",
+]
+
+PRECISIONS = ("float32", "float16", "quaternary", "binary")
+LEVELS = 4  # quaternary: codes 0..3, value code / 3 · θ0
+FORMAT = "cones-values"
+FORMAT_VERSION = 1
+METADATA_KEY = "cones_values"
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+_REGISTRY_ATTR = "_cones_tuned"
+_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "quaternary": ("U8", np.uint8)}
+
+
+class ValuesFileError(ValueError):
+    """A `.cones-values` file is damaged, of another format version, or belongs to another concept."""
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` {precision!r} is not supported; use one of {list(PRECISIONS)}")
+
+
+# -- pure tensor helpers --------------------------------------------------------------------------------
+
+
+def quaternary_values(codes: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+    """Codes (n,) in 0..3 and original weights θ0 (n,) -> values code/3 · θ0, in θ0's dtype."""
+    return codes.to(theta0.dtype) / (LEVELS - 1) * theta0
+
+
+def _codes(xi: torch.Tensor) -> torch.Tensor:
+    """ξ (n,) -> the nearest quaternary code of clamp(ξ, 0, 1), as uint8 (n,)."""
+    return torch.round(xi.clamp(0, 1) * (LEVELS - 1)).to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor) -> np.ndarray:
+    """uint8 codes (n,) in 0..3 -> (⌈n/4⌉,) uint8 bytes, four codes each, the first in the lowest bits."""
+    c = codes.detach().cpu().numpy().astype(np.uint8).reshape(-1)
+    if c.size and c.max() >= LEVELS:
+        raise ValueError(f"`codes` holds {int(c.max())}; quaternary codes are 0..{LEVELS - 1}")
+    padded = np.zeros(4 * math.ceil(c.size / 4), dtype=np.uint8)
+    padded[: c.size] = c
+    quads = padded.reshape(-1, 4)
+    return quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)
+
+
+def unpack_codes(packed: np.ndarray, count: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: (⌈count/4⌉,) uint8 -> uint8 codes (count,)."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != math.ceil(count / 4):
+        raise ValueError(f"{packed.size} packed bytes cannot hold exactly {count} quaternary codes")
+    quads = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)  # (4 ⌈count/4⌉,)
+    if quads[count:].any():
+        raise ValueError("the padding codes after the last neuron are not zero")
+    return torch.from_numpy(quads[:count].copy())
+
+
+def values_bytes(precision: str, count: int) -> int:
+    """Bytes of the stored values of `count` neurons: 4 or 2 per neuron, 2 bits per neuron, or none."""
+    _check_precision(precision)
+    return {"float32": 4 * count, "float16": 2 * count, "quaternary": math.ceil(count / 4), "binary": 0}[
+        precision
+    ]
+
+
+def fingerprint(concept: ConceptNeurons) -> str:
+    """sha256 (hex) of the concept's parameter names, shapes and indices, in order: ties values to it."""
+    digest = hashlib.sha256()
+    for name, shape in concept.shapes.items():
+        digest.update(json.dumps([name, list(shape), concept.indices[name].numel()]).encode())
+        digest.update(concept.indices[name].numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+# -- the tuned concept ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TunedConcept:
+    """A concept with tuned values for its neurons (or, for `"binary"`, none: shut).
+
+    `values[name]` is aligned with `concept.indices[name]`: float32 / float16 values of the weights there,
+    or uint8 quaternary codes (value code/3 · θ0). Parameters without neurons have no entry.
+    """
+
+    concept: ConceptNeurons
+    precision: str
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision)
+        expected = {name for name, idx in self.concept.indices.items() if idx.numel()}
+        if self.precision == "binary":
+            if self.values:
+                raise ValueError("`values` must be empty for precision 'binary' (the neurons are shut)")
+            return
+        if set(self.values) != expected:
+            missing = sorted(expected - set(self.values)) or sorted(set(self.values) - expected)
+            raise ValueError(
+                f"`values` must have one entry per parameter with neurons; `{missing[0]}` is missing or extra"
+            )
+        dtype = {"float32": torch.float32, "float16": torch.float16, "quaternary": torch.uint8}[
+            self.precision
+        ]
+        for name, v in self.values.items():
+            count = self.concept.indices[name].numel()
+            if v.dtype != dtype or tuple(v.shape) != (count,):
+                raise ValueError(
+                    f"`values[{name!r}]` must be a ({count},) {dtype} tensor for precision {self.precision!r}, "
+                    f"got {tuple(v.shape)} {v.dtype}"
+                )
+            if self.precision == "quaternary" and v.numel() and int(v.max()) >= LEVELS:
+                raise ValueError(f"`values[{name!r}]` holds code {int(v.max())}; quaternary codes are 0..3")
+            if self.precision != "quaternary" and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"`values[{name!r}]` holds inf or nan; tune again in float32")
+
+    @property
+    def values_bytes(self) -> int:
+        """Bytes the values take (without the indices): 4 / 2 per neuron, 2 bits per neuron, or 0."""
+        return values_bytes(self.precision, self.concept.num_neurons)
+
+    def weights(self, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The values to write at each parameter's neurons, given the original weights there (name -> (n,))."""
+        out = {}
+        for name, idx in self.concept.indices.items():
+            if not idx.numel():
+                continue
+            theta0 = originals[name]
+            if self.precision == "binary":
+                out[name] = torch.zeros_like(theta0)
+            elif self.precision == "quaternary":
+                out[name] = quaternary_values(self.values[name].to(theta0.device), theta0.float()).to(
+                    theta0.dtype
+                )
+            else:
+                out[name] = self.values[name].to(theta0.device, theta0.dtype)
+        return out
+
+    # -- the model ----------------------------------------------------------------------------------
+
+    def apply(self, unet: torch.nn.Module) -> None:
+        """Write the tuned values into `unet` in place; `remove` restores the original weights bit for bit."""
+        if unet.__dict__.get(_REGISTRY_ATTR) is not None:
+            raise ValueError(
+                "a tuned concept is already applied to this UNet; `remove` it first (one at a time)"
+            )
+        if switching.applied_concepts(unet):
+            raise ValueError(
+                "concepts are shut in this UNet (`cones.switching`); remove them before applying tuned values"
+            )
+        params = self.concept.parameters_in(unet)
+        saved = {}
+        with torch.no_grad():
+            for name, idx in self.concept.indices.items():
+                if idx.numel():
+                    flat = params[name].detach().view(-1)
+                    saved[name] = flat.index_select(0, idx.to(flat.device))
+            for name, value in self.weights(saved).items():
+                flat = params[name].detach().view(-1)
+                flat.index_copy_(0, self.concept.indices[name].to(flat.device), value.to(flat.dtype))
+        unet.__dict__[_REGISTRY_ATTR] = (self, saved)
+
+    def remove(self, unet: torch.nn.Module) -> None:
+        """Undo `apply`: every weight it changed gets its original bits back."""
+        entry = unet.__dict__.get(_REGISTRY_ATTR)
+        if entry is None or entry[0] is not self:
+            raise ValueError("this tuned concept is not applied to this UNet; call `apply` before `remove`")
+        _, saved = entry
+        with torch.no_grad():
+            for name, original in saved.items():
+                flat = unet.get_parameter(name).detach().view(-1)
+                flat.index_copy_(0, self.concept.indices[name].to(flat.device), original)
+        del unet.__dict__[_REGISTRY_ATTR]
+
+    @contextmanager
+    def applied(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Context manager: the tuned values are in `unet` inside the block, the original weights after."""
+        self.apply(unet)
+        try:
+            yield unet
+        finally:
+            self.remove(unet)
+
+    # -- files --------------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The bytes of the `.cones-values` file (see the module docstring); not for `"binary"`."""
+        if self.precision == "binary":
+            raise ValueError("precision 'binary' stores no values; the `.cones` file is all there is")
+        tensors = {}
+        for name, v in self.values.items():
+            tensors[name] = pack_codes(v) if self.precision == "quaternary" else v.cpu().numpy()
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "precision": self.precision,
+            "concept": fingerprint(self.concept),
+            "counts": {name: int(v.numel()) for name, v in self.values.items()},
+            "metadata": self.metadata,
+        }
+        try:
+            text = json.dumps(header, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"`metadata` must be JSON-serialisable: {e}") from None
+        return safetensors.numpy.save(tensors, metadata={METADATA_KEY: text})
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the `.cones-values` file at `path`, atomically; never overwrites unless asked to."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"`path` {str(path)!r} exists; pass `overwrite=True` (`--overwrite`) to replace it"
+            )
+        data = self.to_bytes()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def read_values_header(data: bytes) -> dict[str, Any]:
+    """The `cones_values` JSON object of a values file's bytes; `ValuesFileError` if there is none."""
+    if len(data) < 8:
+        raise ValuesFileError(f"it has {len(data)} bytes, too few for a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValuesFileError(f"it declares a {size}-byte header but holds {len(data) - 8} bytes after it")
+    try:
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        info = json.loads(meta[METADATA_KEY])
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise ValuesFileError(
+            f"it has no {METADATA_KEY!r} metadata; it is not a .cones-values file"
+        ) from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValuesFileError(f"its `format` is not {FORMAT!r}")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ValuesFileError(
+            f"it has format_version {version!r}; this cones reads {FORMAT_VERSION}, upgrade cones"
+        )
+    for key in ("precision", "concept", "counts", "metadata"):
+        if key not in info:
+            raise ValuesFileError(f"its header lacks the key `{key}`")
+    if info["precision"] not in PRECISIONS[:3]:
+        raise ValuesFileError(f"its `precision` {info['precision']!r} is not one of {list(PRECISIONS[:3])}")
+    return info
+
+
+def load_values(path: str | os.PathLike[str], concept: ConceptNeurons) -> TunedConcept:
+    """Read a `.cones-values` file for `concept`; `ValuesFileError` if damaged or for another concept."""
+    data = Path(path).read_bytes()
+    try:
+        return _parse(data, concept)
+    except ValuesFileError as e:
+        raise ValuesFileError(f"cannot read {str(path)!r}: {e}") from None
+
+
+def _parse(data: bytes, concept: ConceptNeurons) -> TunedConcept:
+    info = read_values_header(data)
+    if info["concept"] != fingerprint(concept):
+        raise ValuesFileError(
+            "it holds values for another concept (fingerprint mismatch); pass the .cones file it was tuned for"
+        )
+    try:
+        arrays = safetensors.numpy.load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed buffers
+        raise ValuesFileError(f"its safetensors data is damaged ({' '.join(str(e).split())})") from None
+    precision = info["precision"]
+    counts = {name: idx.numel() for name, idx in concept.indices.items() if idx.numel()}
+    if info["counts"] != counts or set(arrays) != set(counts):
+        raise ValuesFileError("its tensors do not match the concept's neurons")
+    values = {}
+    for name, count in counts.items():
+        array = arrays[name]
+        if array.dtype != _DTYPES[precision][1] or array.ndim != 1:
+            raise ValuesFileError(f"tensor `{name}` must be 1-D {_DTYPES[precision][0]} for {precision!r}")
+        try:
+            if precision == "quaternary":
+                values[name] = unpack_codes(array, count)
+            else:
+                values[name] = torch.from_numpy(array.copy())
+        except ValueError as e:
+            raise ValuesFileError(f"tensor `{name}`: {e}") from None
+    try:
+        return TunedConcept(concept, precision, values, metadata=info["metadata"])
+    except ValueError as e:
+        raise ValuesFileError(str(e)) from None
+
+
+# -- tuning ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneResult:
+    """What `tune_values` returns: the tuned concept and L_con at each step (before that step's update)."""
+
+    tuned: TunedConcept
+    losses: list[float]
+
+
+def _forward_values(precision: str, xi: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+    """The value the forward pass uses for scale ξ and original weights θ0 (both (n,), float32)."""
+    if precision == "float32":
+        return xi * theta0
+    if precision == "float16":
+        return (xi * theta0).to(torch.float16).to(theta0.dtype)
+    return quaternary_values(_codes(xi), theta0)
+
+
+def tune_values(
+    objective: Objective,
+    unet: torch.nn.Module,
+    concept: ConceptNeurons,
+    *,
+    precision: str = "float16",
+    steps: int = 100,
+    lr: float = 0.01,
+    init: str = "shut",
+    callback: Callable[[int, float], None] | None = None,
+    disable: bool = False,
+) -> TuneResult:
+    """Optimise the concept-implanting loss over the values of `concept`'s neurons, at `precision`.
+
+    Args:
+        objective: gives `loss(step)`, a scalar computed with `unet` (e.g. a `ConceptObjective`).
+        unet: the model; changed during tuning, restored bit for bit after (and on failure).
+        concept: whose neurons are tuned; every other weight stays frozen.
+        precision: "float32", "float16", "quaternary" or "binary" (no tuning: returns the shut concept).
+        steps: Adam steps on ξ (the values are ξ · θ0).
+        lr: Adam's rate on ξ; ξ is a fraction of each original weight, so 0.01 moves weights ~1% a step.
+        init: "shut" (ξ = 0, start from the binary solution) or "original" (ξ = 1, the base model).
+        callback: called with (step, loss) after every step.
+        disable: hide the progress bar.
+    Returns:
+        A `TuneResult` with the `TunedConcept` and the loss at each step.
+    """
+    _check_precision(precision)
+    if init not in ("shut", "original"):
+        raise ValueError(f"`init` must be 'shut' or 'original', got {init!r}")
+    if steps < 0:
+        raise ValueError(f"`steps` must be >= 0, got {steps}; e.g. 100")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"`lr` must be a finite number > 0, got {lr}; e.g. 0.01")
+    settings = {"precision": precision, "steps": steps, "lr": lr, "init": init, "optimizer": "adam"}
+    if precision == "binary":
+        return TuneResult(TunedConcept(concept, "binary", metadata={"tune": {**settings, "steps": 0}}), [])
+
+    # 1. The neurons, their original weights θ0 and the state: ξ and Adam's moments, float32 (n,) each.
+    params = concept.parameters_in(unet)
+    names = [name for name, idx in concept.indices.items() if idx.numel()]
+    if not names:
+        raise ValueError("`concept` has no neurons; there is nothing to tune")
+    index = {name: concept.indices[name].to(params[name].device) for name in names}
+    originals = {name: params[name].detach().view(-1).index_select(0, index[name]).clone() for name in names}
+    theta0 = {name: originals[name].float() for name in names}
+    xi = {name: torch.full_like(theta0[name], 0.0 if init == "shut" else 1.0) for name in names}
+    m = {name: torch.zeros_like(theta0[name]) for name in names}
+    v = {name: torch.zeros_like(theta0[name]) for name in names}
+    beta1, beta2 = ADAM_BETAS
+
+    # 2. Freeze everything but the parameters holding neurons; the `finally` restores weights and flags.
+    flags = {p: p.requires_grad for p in unet.parameters()}
+    losses: list[float] = []
+    progress = tqdm(total=steps, disable=disable, desc=f"tuning values ({precision})", unit="step")
+    try:
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        for name in names:
+            params[name].requires_grad_(True)
+        for k in range(steps):
+            # 2a. This step's values at the neurons.
+            with torch.no_grad():
+                for name in names:
+                    flat = params[name].detach().view(-1)
+                    flat.index_copy_(
+                        0, index[name], _forward_values(precision, xi[name], theta0[name]).to(flat.dtype)
+                    )
+
+            # 2b. The loss and its gradient; ∂L/∂ξ = θ0 · ∂L/∂θ at the neurons (straight through the rounding).
+            loss = objective.loss(k)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {k}: the loss is not finite; tune in float32 or with a smaller `lr`"
+                )
+            grads = torch.autograd.grad(loss, [params[name] for name in names])
+            for name, g in zip(names, grads, strict=True):
+                g_xi = g.detach().view(-1).index_select(0, index[name]).float() * theta0[name]  # (n,)
+                # 2c. Adam on ξ.
+                m[name].mul_(beta1).add_(g_xi, alpha=1 - beta1)
+                v[name].mul_(beta2).addcmul_(g_xi, g_xi, value=1 - beta2)
+                denom = (v[name].sqrt() / math.sqrt(1 - beta2 ** (k + 1))).add_(ADAM_EPS)
+                xi[name].addcdiv_(m[name], denom, value=-lr / (1 - beta1 ** (k + 1)))
+                if precision == "quaternary":
+                    xi[name].clamp_(0, 1)
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4g}")
+            if callback is not None:
+                callback(k, losses[-1])
+    finally:
+        progress.close()
+        with torch.no_grad():
+            for name in names:
+                params[name].detach().view(-1).index_copy_(0, index[name], originals[name])
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+    # 3. The stored values.
+    if precision == "quaternary":
+        values = {name: _codes(xi[name]).cpu() for name in names}
+    else:
+        dtype = torch.float32 if precision == "float32" else torch.float16
+        values = {name: (xi[name] * theta0[name]).to(dtype).cpu() for name in names}
+    return TuneResult(TunedConcept(concept, precision, values, metadata={"tune": settings}), losses)
