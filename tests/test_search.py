@@ -518,6 +518,8 @@ def test_checkpoint_of_another_search_or_model_is_refused(tiny_pipe, tmp_path):
 
 SCRIPT = """
 import os, sys
+import torch
+torch.set_num_threads({threads})  # as in the test process: the same reduction order, the same floats
 sys.path.insert(0, {tests!r})
 from diffusers import StableDiffusionPipeline
 from test_search import tiny_objective
@@ -538,7 +540,9 @@ def test_resume_after_the_process_was_killed(tiny_pipe_path, tmp_path):
     # Both processes load the same saved model (building the tiny tokenizer anew is not reproducible
     # across processes).
     path = str(tmp_path / "search.safetensors")
-    script = textwrap.dedent(SCRIPT.format(tests=TESTS, model=tiny_pipe_path, path=path))
+    script = textwrap.dedent(
+        SCRIPT.format(tests=TESTS, model=tiny_pipe_path, path=path, threads=torch.get_num_threads())
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 17, done.stderr[-2000:]
     with safe_open(path, framework="pt") as f:
