@@ -99,3 +99,22 @@ def test_demo_runs_end_to_end_on_the_embedded_model(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "grid.png"))
     assert os.path.exists(os.path.join(out, f"{report['subject']}.cones"))
     assert main(["demo", "--out", out, "--steps", "4", "--seeds", "1"]) == 1  # refuses to overwrite
+
+
+def test_the_base_model_on_disk_is_never_modified(tiny_pipe_path, photos, tmp_path):
+    import hashlib
+
+    def fingerprint():
+        out = {}
+        for root, _, files in os.walk(tiny_pipe_path):
+            for f in files:
+                path = os.path.join(root, f)
+                out[path] = (hashlib.sha256(open(path, "rb").read()).hexdigest(), os.path.getmtime(path))
+        return out
+
+    before = fingerprint()
+    out = str(tmp_path / "c.cones")
+    assert find(["--images", photos, "--token", "sks", "--class-word", "dog", "--out", out], tiny_pipe_path, tmp_path) == 0
+    assert main(["generate", "--model", tiny_pipe_path, "--concept", out, "--seeds", "0", "--steps", "2", "a sks dog",
+                 "--out", str(tmp_path / "img")]) == 0
+    assert fingerprint() == before
