@@ -82,6 +82,65 @@ def _model_id(pipe) -> str:
     return f"{name}:{first.flatten()[:16].double().sum().item():.8e}:{sum(p.numel() for p in pipe.unet.parameters())}"
 
 
+def concept_objective(
+    pipe,
+    images: torch.Tensor | Sequence[Image.Image],
+    *,
+    token: str,
+    class_word: str,
+    config: FindConfig | None = None,
+    subject_prompts: Sequence[str] | None = None,
+    class_prompts: Sequence[str] | None = None,
+    class_pictures: Sequence[Image.Image] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+) -> ConceptObjective:
+    """The concept-implanting loss of one subject shown in `images` (a tensor in [-1, 1] or PIL images).
+
+    Class images come from `class_pictures` when given, else from the base model with `class_prompts`
+    (or "a {class_word}"), cached under `cache_dir`. `subject_prompts`, one per image, replace the
+    templates where each image needs its own words. `seed` is the objective's (default `config.seed`);
+    class images always use `config.seed`.
+    """
+    cfg = config or FindConfig()
+    size = model_resolution(pipe)
+
+    def as_tensor(pictures: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+        if isinstance(pictures, torch.Tensor):
+            return pictures
+        return to_tensor([im.convert("RGB").resize((size, size)) for im in pictures])  # (n, 3, size, size)
+
+    # 1. Class images for prior preservation, from the base model unless given.
+    class_tensor, class_prompt_list = None, None
+    if cfg.prior_weight > 0:
+        if class_pictures is None:
+            prompts = list(class_prompts) if class_prompts else [f"{_article(class_word)} {class_word}"]
+            per_prompt = max(1, cfg.num_class_images // len(prompts))
+            class_pictures, class_prompt_list = [], []
+            for i, prompt in enumerate(prompts):
+                made = class_images(pipe, prompt, per_prompt, seed=cfg.seed * 1000 + i, cache_dir=cache_dir)
+                class_pictures += made
+                class_prompt_list += [prompt] * len(made)
+        class_tensor = as_tensor(class_pictures)
+    # 2. The objective.
+    return ConceptObjective.from_pipeline(
+        pipe,
+        as_tensor(images),
+        token=token,
+        class_word=class_word,
+        class_images=class_tensor,
+        config=ObjectiveConfig(
+            subject_templates=tuple(cfg.templates),
+            class_templates=("a {class_word}",),
+            batch_size=cfg.batch_size,
+            prior_weight=cfg.prior_weight,
+            seed=cfg.seed if seed is None else seed,
+        ),
+        subject_prompts=subject_prompts,
+        class_prompts=class_prompt_list,
+    )
+
+
 def find_concept(
     pipe,
     images: torch.Tensor | Sequence[Image.Image],
@@ -97,47 +156,15 @@ def find_concept(
     callback=None,
     disable: bool = False,
 ) -> SearchResult:
-    """Search the concept neurons of the subject shown in `images` (a tensor in [-1, 1] or PIL images).
+    """Search the concept neurons of the subject shown in `images`; see `concept_objective` for the loss.
 
-    Class images come from `class_pictures` when given, else from the base model with `class_prompts`
-    (or "a {class_word}"). `subject_prompts`, one per image, replace the templates where each image needs
-    its own words. The pipeline's weights are left exactly as they were.
+    The pipeline's weights are left exactly as they were.
     """
     cfg = config or FindConfig()
-    size = model_resolution(pipe)
-    if not isinstance(images, torch.Tensor):
-        images = to_tensor([im.convert("RGB").resize((size, size)) for im in images])
-    # 1. Class images for prior preservation.
-    class_tensor = None
-    class_prompt_list = None
-    if cfg.prior_weight > 0:
-        if class_pictures is None:
-            prompts = list(class_prompts) if class_prompts else [f"{_article(class_word)} {class_word}"]
-            per_prompt = max(1, cfg.num_class_images // len(prompts))
-            class_pictures, class_prompt_list = [], []
-            for i, prompt in enumerate(prompts):
-                made = class_images(pipe, prompt, per_prompt, seed=cfg.seed * 1000 + i, cache_dir=cache_dir)
-                class_pictures += made
-                class_prompt_list += [prompt] * len(made)
-        class_tensor = to_tensor([im.convert("RGB").resize((size, size)) for im in class_pictures])
-    # 2. The concept-implanting objective.
-    objective = ConceptObjective.from_pipeline(
-        pipe,
-        images,
-        token=token,
-        class_word=class_word,
-        class_images=class_tensor,
-        config=ObjectiveConfig(
-            subject_templates=tuple(cfg.templates),
-            class_templates=("a {class_word}",),
-            batch_size=cfg.batch_size,
-            prior_weight=cfg.prior_weight,
-            seed=cfg.seed,
-        ),
-        subject_prompts=subject_prompts,
-        class_prompts=class_prompt_list,
+    objective = concept_objective(
+        pipe, images, token=token, class_word=class_word, config=cfg, subject_prompts=subject_prompts,
+        class_prompts=class_prompts, class_pictures=class_pictures, cache_dir=cache_dir,
     )
-    # 3. The search.
     return find_concept_neurons(
         objective,
         pipe.unet,

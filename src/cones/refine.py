@@ -34,10 +34,9 @@ from PIL import Image
 from torch import nn
 
 from cones import switching
-from cones.find import FindConfig, class_images
-from cones.images import model_resolution, to_tensor
+from cones.find import FindConfig, concept_objective
 from cones.neurons import ConceptNeurons, overlap, union
-from cones.objective import ConceptObjective, Objective, ObjectiveConfig, SumObjective
+from cones.objective import ConceptObjective, Objective, SumObjective
 from cones.search import Method, Optimizer, SearchProgress, SearchResult, find_concept_neurons
 from cones.targets import Targets
 
@@ -134,43 +133,17 @@ def subject_objective(
     `subject.class_prompts` (cached under `cache_dir`; the same cache entries as `find_concept`). `seed`
     is the objective's seed (default `config.seed`); class images always use `config.seed`.
     """
-    cfg = config or FindConfig()
-    size = model_resolution(pipe)
-
-    def as_tensor(images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images
-        return to_tensor([im.convert("RGB").resize((size, size)) for im in images])  # (n, 3, size, size)
-
-    # 1. Class images for prior preservation, from the base model unless given.
-    class_tensor, class_prompt_list = None, None
-    if cfg.prior_weight > 0:
-        pictures = subject.class_pictures
-        if pictures is None:
-            prompts = list(subject.class_prompts or [f"{_article(subject.class_word)} {subject.class_word}"])
-            per_prompt = max(1, cfg.num_class_images // len(prompts))
-            pictures, class_prompt_list = [], []
-            for i, prompt in enumerate(prompts):
-                made = class_images(pipe, prompt, per_prompt, seed=cfg.seed * 1000 + i, cache_dir=cache_dir)
-                pictures += made
-                class_prompt_list += [prompt] * len(made)
-        class_tensor = as_tensor(pictures)
-    # 2. The objective.
-    return ConceptObjective.from_pipeline(
+    return concept_objective(
         pipe,
-        as_tensor(subject.images),
+        subject.images,
         token=subject.token,
         class_word=subject.class_word,
-        class_images=class_tensor,
-        config=ObjectiveConfig(
-            subject_templates=tuple(cfg.templates),
-            class_templates=("a {class_word}",),
-            batch_size=cfg.batch_size,
-            prior_weight=cfg.prior_weight,
-            seed=cfg.seed if seed is None else seed,
-        ),
+        config=config,
         subject_prompts=subject.subject_prompts,
-        class_prompts=class_prompt_list,
+        class_prompts=subject.class_prompts,
+        class_pictures=subject.class_pictures,
+        cache_dir=cache_dir,
+        seed=seed,
     )
 
 
@@ -197,10 +170,6 @@ def multi_objective(
             for i, subject in enumerate(subjects)
         ]
     )
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _check_nothing_applied(unet: nn.Module, name: str) -> None:

@@ -1,0 +1,131 @@
+"""Concept neurons of each world subject, one at a time: does shutting them make the model draw the subject?
+
+For every subject: search its concept neurons from its 5 reference images (A2), then generate the subject's
+identifier prompts ("a sks circle on a grass background", ...) with the same seeds without and with the
+neurons shut, and measure
+- image alignment (CLIP cosine to the references) and the detector's subject rate, without -> with;
+- text alignment to the prompt without the identifier;
+- drift: the same prompts *without* the identifier, with and without the neurons shut, compared image to
+  image (CLIP cosine of paired images, same seed); 1.0 means shutting left them untouched;
+- sparsity, file size and search time.
+
+    python benchmarks/bench_concepts.py --quick                 # 3 subjects, 2 seeds
+    python benchmarks/bench_concepts.py --sparsity 0.01 0.05    # every subject, two sparsities
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from cones.evaluate import ClipScorer
+from cones.find import FindConfig, find_concept
+from cones.generate import generate, grid
+from cones.pipeline import load_pipeline
+from cones.world.concepts import eval_prompts, references, score_subject, search_prompts, subject_detector
+from cones.world.subjects import SUBJECTS
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def drift(pipe, scorer, subject, concept, seeds) -> float:
+    """Mean CLIP cosine between paired images of the class prompts, without vs with the concept shut."""
+    prompts = eval_prompts(subject, None)
+    flat = lambda rows: [im for row in rows for im in row]  # noqa: E731
+    before = scorer.images(flat(generate(pipe, prompts, seeds)))
+    with concept.shut(pipe.unet):
+        after = scorer.images(flat(generate(pipe, prompts, seeds)))
+    return float((before * after).sum(-1).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 subjects, 2 seeds")
+    parser.add_argument("--subjects", nargs="+", default=None)
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.01, 0.05])
+    parser.add_argument("--steps", type=int, default=FindConfig.steps)
+    parser.add_argument("--targets", default="cross")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--name", default="concepts", help="results file name")
+    args = parser.parse_args()
+    names = args.subjects or (["striped-circle", "sunset-sea", "smiling-star"] if args.quick else list(SUBJECTS))
+    seeds = list(range(args.seeds or (2 if args.quick else 4)))
+    torch.manual_seed(0)
+    pipe, scorer = load_pipeline(), ClipScorer()
+    settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
+                "lr": FindConfig.lr, "batch_size": FindConfig.batch_size}
+    path = os.path.join(RESULTS, f"{args.name}.json")
+    results = {"settings": settings, "subjects": {}}
+    if os.path.exists(path):  # resume: subjects measured with the same settings are kept
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier["settings"] == settings:
+            results = earlier
+    rows = []
+    for name in names:
+        if name in results["subjects"]:
+            continue
+        subject = SUBJECTS[name]
+        detector = subject_detector(scorer, subject)
+        images, pictures, _ = references(subject)
+        subject_prompts, class_prompts = search_prompts(subject, "sks")
+        started = time.time()
+        result = find_concept(
+            pipe, images, token="sks", class_word=subject.class_word,
+            config=FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity)),
+            subject_prompts=subject_prompts, class_prompts=class_prompts,
+            cache_dir=os.path.join("runs", "class-cache"), disable=True,
+        )
+        seconds = time.time() - started
+        base = score_subject(pipe, scorer, subject, detector, "sks", seeds)
+        entry = {"detector_auc": detector.auc, "search_seconds": seconds,
+                 "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")}}
+        rows += [pictures, base["images"][0]]
+        for sparsity in args.sparsity:
+            concept = result.select(sparsity=sparsity)
+            with concept.shut(pipe.unet):
+                shut = score_subject(pipe, scorer, subject, detector, "sks", seeds)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "c.cones")
+                concept.save(path)
+                size = os.path.getsize(path)
+            entry[f"with_{sparsity}"] = {
+                **{k: shut[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
+                "drift_similarity": drift(pipe, scorer, subject, concept, seeds),
+                "neurons": concept.num_neurons, "sparsity": concept.sparsity, "file_bytes": size,
+            }
+            rows.append(shut["images"][0])
+        results["subjects"][name] = entry
+        print(name, json.dumps(entry), flush=True)
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(path + ".tmp", "w") as f:  # after every subject, so an interrupted run keeps its results
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+        grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
+        rows = []
+
+    head = "| subject | AUC | image align. without | " + " | ".join(
+        f"image align. / detected / drift sim. @ {100 * s:g}%" for s in args.sparsity) + " | detected without | search |"
+    lines = [head, "|" + "---|" * (5 + len(args.sparsity))]
+    for name, e in results["subjects"].items():
+        cells = [f"{e[f'with_{s}']['image_alignment']:.3f} / {e[f'with_{s}']['subject_rate']:.0%} / "
+                 f"{e[f'with_{s}']['drift_similarity']:.3f}" for s in args.sparsity]
+        lines.append(f"| {name} | {e['detector_auc']:.3f} | {e['without']['image_alignment']:.3f} | "
+                     + " | ".join(cells) + f" | {e['without']['subject_rate']:.0%} | {e['search_seconds']:.0f} s |")
+    s = results["settings"]
+    lines += ["", f"A2, {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}+{s['batch_size']}, "
+              f"targets {s['targets']} K/V; {len(seeds)} seeds per prompt; grid: {args.name}.png "
+              "(per subject: references, without, then with each sparsity, first prompt)."]
+    lines[-1] = lines[-1].replace(f"grid: {args.name}.png", f"grids: {args.name}-<subject>.png")
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
