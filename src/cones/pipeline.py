@@ -28,6 +28,8 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -92,15 +94,19 @@ def _check_folder(path: str) -> None:
         with open(index, encoding="utf-8") as f:
             class_name = json.load(f).get("_class_name")
     except (OSError, ValueError, AttributeError) as e:
-        raise ModelError(f"`model` {path!r} has an unreadable model_index.json ({e}); re-download it.") from None
+        raise ModelError(
+            f"`model` {path!r} has an unreadable model_index.json ({e}); re-download it."
+        ) from None
     if class_name != "StableDiffusionPipeline":
-        raise ModelError(f"`model` {path!r} is a {class_name} folder, which cones does not support; it supports {SUPPORTED}.")
+        raise ModelError(
+            f"`model` {path!r} is a {class_name} folder, which cones does not support; it supports {SUPPORTED}."
+        )
 
 
 def load_pipeline(
     model: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     *,
     config: str | os.PathLike[str] | None = None,
     gradient_checkpointing: bool = False,
@@ -111,8 +117,9 @@ def load_pipeline(
         model: a diffusers folder, a single `.safetensors`/`.ckpt` checkpoint, or None for the embedded
             world model.
         device: where the pipeline lives.
-        dtype: the dtype of all weights (`torch.float16` / `torch.bfloat16` halve the memory; the
-            concept-neuron search keeps its own state in float32 whatever this is, see `cones.search`).
+        dtype: the dtype of all weights, or its name (`"fp16"`, `"bf16"`, see `cones.memory.resolve_dtype`);
+            float16 / bfloat16 halve the memory, and the concept-neuron search keeps its own state in
+            float32 whatever this is (see `cones.memory`).
         config: for a single checkpoint, a local diffusers folder of the same model variant (tokenizer,
             scheduler and component configs); not used for folders.
         gradient_checkpointing: recompute UNet activations in the backward pass instead of storing them
@@ -121,31 +128,60 @@ def load_pipeline(
         ModelError: a missing path, an unsupported model family, a missing `config`, or a `.ckpt` that
             holds more than tensors.
     """
-    path = resolve_model(model)
-    if os.path.isdir(path):
-        if config is not None:
-            raise ModelError(f"`config` {os.fspath(config)!r} is only for single-file checkpoints; drop it for the folder {path!r}.")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
-        )
-    else:
-        pipe = _load_single_file(path, config, dtype)
+    from cones.memory import resolve_dtype
+
+    path, dtype = resolve_model(model), resolve_dtype(dtype)
+    with _quiet_loading():
+        pipe = _load(path, config, dtype)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.dtype != dtype:  # a diffusers older than the `dtype=` argument ignores it
+        pipe.to(dtype=dtype)
     return pipe.to(device)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' loading progress bars; a library call prints nothing."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for m in shown:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m in shown:
+            m.enable_progress_bar()
+
+
+def _load(path: str, config: str | os.PathLike[str] | None, dtype: torch.dtype) -> StableDiffusionPipeline:
+    if os.path.isdir(path):
+        if config is not None:
+            raise ModelError(
+                f"`config` {os.fspath(config)!r} is only for single-file checkpoints; drop it for the folder {path!r}."
+            )
+        return StableDiffusionPipeline.from_pretrained(
+            path, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+    return _load_single_file(path, config, dtype)
 
 
 # -- single-file checkpoints ----------------------------------------------------------------------------
 
 
-def checkpoint_family(path: str | os.PathLike[str]) -> str:
-    """`"v1"` or `"v2"` for an original-layout SD checkpoint; `ModelError` for any other file.
+def checkpoint_family(checkpoint: str | os.PathLike[str] | Mapping[str, Sequence[int]]) -> str:
+    """`"v1"` or `"v2"` for an original-layout SD checkpoint; `ModelError` for any other.
 
-    Reads only names and shapes: the safetensors header, or a `.ckpt` through `torch.load(weights_only=True)`
-    (memory-mapped when the file is a zip archive, so tensors are not read).
+    `checkpoint` is a file or its tensor names and shapes. A file is read for names and shapes only: the
+    safetensors header, or a `.ckpt` through `torch.load(weights_only=True)` (memory-mapped when the file
+    is a zip archive, so the tensors are not read).
     """
-    return _family(os.fspath(path), _checkpoint_shapes(os.fspath(path)))
+    if isinstance(checkpoint, Mapping):
+        return _family("checkpoint", {key: tuple(shape) for key, shape in checkpoint.items()})
+    return _family(os.fspath(checkpoint), _checkpoint_shapes(os.fspath(checkpoint)))
 
 
 def _family(path: str, shapes: dict[str, tuple[int, ...]]) -> str:
@@ -155,7 +191,9 @@ def _family(path: str, shapes: dict[str, tuple[int, ...]]) -> str:
     family = infer_diffusers_model_type(meta)
     if family not in _SINGLE_FILE_FAMILIES:
         name = _FAMILY_NAMES.get(family, f"a {family!r} checkpoint")
-        raise ModelError(f"`model` {path!r} is {name}, which cones does not support; it supports {SUPPORTED}.")
+        raise ModelError(
+            f"`model` {path!r} is {name}, which cones does not support; it supports {SUPPORTED}."
+        )
     conv_in = shapes.get(_UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None or len(conv_in) != 4 or conv_in[1] != 4:
         raise ModelError(
@@ -180,7 +218,9 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
             with safe_open(path, framework="pt") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except (SafetensorError, OSError) as e:
-            raise ModelError(f"`model` {path!r} is not a readable safetensors file ({e}); re-download it.") from None
+            raise ModelError(
+                f"`model` {path!r} is not a readable safetensors file ({e}); re-download it."
+            ) from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError:
@@ -189,15 +229,21 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
             "(torch.load weights_only=True); convert it to .safetensors with a tool you trust, or pass a diffusers folder."
         ) from None
     except (RuntimeError, OSError, EOFError) as e:
-        raise ModelError(f"`model` {path!r} is not a readable checkpoint ({' '.join(str(e).split())[:200]}).") from None
+        raise ModelError(
+            f"`model` {path!r} is not a readable checkpoint ({' '.join(str(e).split())[:200]})."
+        ) from None
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
-        raise ModelError(f"`model` {path!r} holds a {type(checkpoint).__name__}, not a state dict; pass an SD checkpoint.")
+        raise ModelError(
+            f"`model` {path!r} holds a {type(checkpoint).__name__}, not a state dict; pass an SD checkpoint."
+        )
     return {key: tuple(t.shape) for key, t in checkpoint.items() if isinstance(t, torch.Tensor)}
 
 
-def _load_single_file(path: str, config: str | os.PathLike[str] | None, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _load_single_file(
+    path: str, config: str | os.PathLike[str] | None, dtype: torch.dtype
+) -> StableDiffusionPipeline:
     shapes = _checkpoint_shapes(path)
     family = _family(path, shapes)
     if config is None:
@@ -207,13 +253,15 @@ def _load_single_file(path: str, config: str | os.PathLike[str] | None, dtype: t
         )
     config = os.fspath(config)
     if not os.path.isdir(config):
-        raise ModelError(f"`config` {config!r} is not a folder; pass a local diffusers Stable Diffusion folder.")
+        raise ModelError(
+            f"`config` {config!r} is not a folder; pass a local diffusers Stable Diffusion folder."
+        )
     _check_folder_as_config(config)
     _check_cross_attention_dim(path, shapes, config)
     return StableDiffusionPipeline.from_single_file(
         path,
         config=config,
-        torch_dtype=dtype,
+        dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
         local_files_only=True,
@@ -229,8 +277,13 @@ def _check_folder_as_config(config: str) -> None:
 
 def _check_cross_attention_dim(path: str, shapes: dict[str, tuple[int, ...]], config: str) -> None:
     """Refuse a `config` folder of another variant (SD 1.x folder, SD 2.x file) before diffusers converts."""
-    with open(os.path.join(config, "unet", "config.json"), encoding="utf-8") as f:
-        expected = json.load(f).get("cross_attention_dim")
+    try:
+        with open(os.path.join(config, "unet", "config.json"), encoding="utf-8") as f:
+            expected = json.load(f).get("cross_attention_dim")
+    except (OSError, ValueError, AttributeError):
+        raise ModelError(
+            f"`config` {config!r} has no readable unet/config.json; pass a complete diffusers Stable Diffusion folder."
+        ) from None
     found = next((shape[1] for key, shape in shapes.items() if _CROSS_KEY.match(key)), None)
     if found is not None and expected is not None and found != expected:
         raise ModelError(

@@ -172,6 +172,7 @@ def find_concept_neurons(
     disable: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    gradient_hook: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> SearchResult:
     """Find the concept neurons of `objective` among `unet`'s `targets`; the UNet is left as it was.
 
@@ -195,6 +196,10 @@ def find_concept_neurons(
             and resumed from when it exists, giving the same concept as an uninterrupted run. Settings
             and weights are checked against it; that the objective is the same (data, seed) is not.
         checkpoint_every: steps between checkpoints.
+        gradient_hook: called each step with ∇_θ L of the targets (in `named_parameters` order, the model's
+            dtype) before they are checked and used; returns the gradients to use instead, same shapes. E.g.
+            the sum over processes (`cones.distributed.allreduce_gradients`) or the unscaled gradients of a
+            loss-scaled half-precision search (`cones.memory.LossScaled.unscale`).
     Returns:
         A `SearchResult` with the concept, the scores M_p, the loss history and the settings.
     Raises:
@@ -272,6 +277,8 @@ def find_concept_neurons(
             if not torch.isfinite(loss):
                 raise SearchError(_nonfinite_message(k, "the loss", lr))
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            if gradient_hook is not None and all(g is not None for g in grads):
+                grads = gradient_hook(list(grads))
             grad_of = {}
             for name, g in zip(params, grads, strict=True):
                 if g is None:
