@@ -20,7 +20,6 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 

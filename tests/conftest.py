@@ -4,7 +4,6 @@ import pytest
 import torch
 from tiny import make_tiny_pipeline
 
-
 # Tiny models on a shared 2-core machine: one thread avoids the thread pool's stalls (3 s -> 20 ms a call).
 torch.set_num_threads(1)
 

@@ -32,6 +32,12 @@ def add_arguments(p) -> None:
                    help="where generated class images are cached (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file: resume an interrupted search from it")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="weights' precision; fp16/bf16 on a GPU (default: fp32)")
+    p.add_argument("--config", default=None,
+                   help="a local diffusers folder of the same SD version, for a single-file --model checkpoint")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, a little slower")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--format", choices=("text", "json"), default="text", help="how to print the summary")
     add_config_arguments(p, FindConfig)
@@ -54,7 +60,8 @@ def run(args) -> int:
     model = resolve_model(args.model)
 
     # 2. Load the model and the images.
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.config,
+                         gradient_checkpointing=args.gradient_checkpointing)
     size = model_resolution(pipe)
     images, _ = load_images(paths, size)
     class_pictures = load_images(class_paths, size)[1] if class_paths else None

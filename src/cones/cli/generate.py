@@ -21,6 +21,10 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="weights' precision; fp16/bf16 on a GPU (default: fp32)")
+    p.add_argument("--config", default=None,
+                   help="a local diffusers folder of the same SD version, for a single-file --model checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
 
 
@@ -28,7 +32,7 @@ def run(args) -> int:
     from cones.generate import generate, grid, save_atomic
     from cones.pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.config)
     if args.concept:
         from cones.loaders import load_concept, set_concepts
 
