@@ -91,9 +91,9 @@ def main() -> None:
             with concept.shut(pipe.unet):
                 shut = score_subject(pipe, scorer, subject, detector, "sks", seeds)
             with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "c.cones")
-                concept.save(path)
-                size = os.path.getsize(path)
+                concept_path = os.path.join(tmp, "c.cones")
+                concept.save(concept_path)
+                size = os.path.getsize(concept_path)
             entry[f"with_{sparsity}"] = {
                 **{k: shut[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
                 "drift_similarity": drift(pipe, scorer, subject, concept, seeds),

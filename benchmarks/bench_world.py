@@ -120,7 +120,8 @@ def main() -> None:
                        ("base_model", "base model's images (CLIP zero-shot)")):
         r = report[key]
         lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
-    lines += ["", "| subject | detector ROC AUC | detected before search: 'a sks ...' | '... ' (class prompt) |",
+    lines += ["", "| subject | detector ROC AUC | detected before any search: identifier prompts "
+              "('a sks circle ...') | class prompts ('a circle ...') |",
               "|---|---|---|---|"]
     for name in SUBJECTS:
         c = chance[name]
