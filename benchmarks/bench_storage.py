@@ -34,20 +34,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import cones
+from cones.architectures import SD1_UNET
 from cones.codec import entropy_bound_bits
 from cones.neurons import ConceptNeurons
 from cones.storage import concept_from_bytes, concept_to_bytes
 from cones.targets import parameter_shapes
 
-SD1_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 SPARSITIES = (0.005, 0.01, 0.0132, 0.02, 0.04, 0.08)
 LORA_RANK = 4
 RESULTS = Path(__file__).parent / "results"

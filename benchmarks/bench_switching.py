@@ -30,18 +30,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import cones
+from cones.architectures import SD1_UNET
 from cones.neurons import ConceptNeurons
 from cones.targets import parameter_shapes, target_parameters
 
-SD1_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -44,20 +44,12 @@ if str(ROOT / "src") not in sys.path:
 
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
+from cones.architectures import SD1_UNET  # noqa: E402
 from cones.memory import LossScaled, attention_processors, gradient_checkpointing  # noqa: E402
 from cones.objective import step_generator  # noqa: E402
 from cones.search import find_concept_neurons  # noqa: E402
 from cones.targets import target_parameters  # noqa: E402
 
-SD1_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 TINY_UNET = dict(
     sample_size=8,
     block_out_channels=(32, 64),

@@ -21,6 +21,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors import safe_open
 from test_pipeline import unet_to_ldm
 
+from cones.architectures import SD1_UNET, SD2_UNET
 from cones.codec import entropy_bound_bits
 from cones.neurons import ConceptNeurons
 from cones.objective import step_generator
@@ -32,21 +33,6 @@ from cones.targets import parameter_shapes, target_parameters
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD1_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD2_UNET = {
-    **SD1_UNET,
-    "cross_attention_dim": 1024,
-    "attention_head_dim": (5, 10, 20, 20),
-    "use_linear_projection": True,
-}
 SD1_CROSS_KV_WEIGHTS = 19_169_280  # 2 x 768 x (2 x (320 + 640 + 1280) + 1280 + 3 x (1280 + 640 + 320))
 PAPER_SPARSITY = 0.0132
 
