@@ -48,8 +48,7 @@ from PIL import Image, ImageDraw
 import cones
 from cones import baselines
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
-from cones.cli.evaluate import score
-from cones.evaluate import ClipScorer
+from cones.evaluate import ClipScorer, score
 from cones.find import FindConfig
 from cones.generate import generate
 from cones.objective import SumObjective

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from cones.cli import main
-from cones.cli.evaluate import score
-from cones.evaluate import ClipScorer
+from cones.evaluate import ClipScorer, score
 from cones.neurons import ConceptNeurons
 from cones.prompts import (
     KINDS,

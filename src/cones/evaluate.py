@@ -107,3 +107,62 @@ def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     pos, neg = np.asarray(positives, float), np.asarray(negatives, float)
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+def score(scorer, rows, prompts: Sequence[str], references: dict, tokens: Sequence[str]) -> dict:
+    """Text and image alignment of `rows[i]` (PIL images of `prompts[i]`) against each subject's references.
+
+    `references` maps a subject's name to its (r, d) normalised CLIP image embeddings; `tokens` are the
+    identifiers removed from the prompts before text alignment.
+    """
+    if len(rows) != len(prompts) or any(len(r) == 0 for r in rows):
+        raise ValueError(
+            f"give a non-empty row of images per prompt, got {[len(r) for r in rows]} for {len(prompts)} prompts."
+        )
+    stripped = [strip_identifiers(p, list(tokens)) for p in prompts]
+    texts = scorer.texts(stripped)  # (prompts, d)
+    per_prompt, all_embeddings = [], []
+    for i, row in enumerate(rows):
+        emb = scorer.images(list(row))  # (images, d)
+        all_embeddings.append(emb)
+        per_prompt.append(
+            {
+                "prompt": prompts[i],
+                "stripped": stripped[i],
+                "images": len(row),
+                "text_alignment": text_alignment(emb, texts[i]),
+                "image_alignment": {name: image_alignment(emb, ref) for name, ref in references.items()},
+            }
+        )
+    emb = torch.cat(all_embeddings)
+    subjects = {name: image_alignment(emb, ref) for name, ref in references.items()}
+    return {
+        "text_alignment": sum(p["text_alignment"] for p in per_prompt) / len(per_prompt),
+        "image_alignment": sum(subjects.values()) / len(subjects),
+        "image_alignment_per_subject": subjects,
+        "num_prompts": len(prompts),
+        "num_images": int(emb.shape[0]),
+        "per_prompt": per_prompt,
+    }
+
+
+def markdown(result: dict) -> str:
+    """A readable table of a `score` result: the totals, then one line per prompt."""
+    names = list(result["image_alignment_per_subject"])
+    head = "| prompt (identifiers removed) | images | text alignment | image alignment |" + "".join(
+        f" {n} |" for n in names
+    )
+    rule = "|---|---:|---:|---:|" + "---:|" * len(names)
+    total = (
+        f"| **all prompts** | {result['num_images']} | **{result['text_alignment']:.3f}** | "
+        f"**{result['image_alignment']:.3f}** |"
+        + "".join(f" {v:.3f} |" for v in result["image_alignment_per_subject"].values())
+    )
+    lines = [head, rule, total]
+    for p in result["per_prompt"]:
+        mean = sum(p["image_alignment"].values()) / len(p["image_alignment"])
+        lines.append(
+            f"| {p['stripped']} | {p['images']} | {p['text_alignment']:.3f} | {mean:.3f} |"
+            + "".join(f" {v:.3f} |" for v in p["image_alignment"].values())
+        )
+    return "\n".join(lines) + "\n"
