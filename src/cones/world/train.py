@@ -173,6 +173,29 @@ class Phase:
             return base * (self.step + 1) / warmup
         return base * 0.5 * (1 + math.cos(math.pi * self.progress()))
 
+    def update(self, loss: torch.Tensor, params, bar, after_step=None) -> None:
+        """One optimiser step on `loss` (gradients clipped to norm 1), `after_step()` (an EMA, say), then
+        the bookkeeping: progress bar, loss log every 50 steps, checkpoint every `checkpoint_every`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        if after_step is not None:
+            after_step()
+        self.step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if self.step % 50 == 0:
+            self.log.append({"step": self.step, "loss": loss.item()})
+        if self.step % self.cfg.checkpoint_every == 0:
+            self.save()
+
+    def finish(self, bar) -> None:
+        """Close the bar and mark the phase finished, so that a later run does not train it again."""
+        bar.close()
+        if not self.done:
+            self.save(finished=True)
+
     def should_continue(self) -> bool:
         if self.step >= self.steps:
             return False
@@ -233,20 +256,8 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor):
             recon = vae.decode(posterior.sample(generator=gen)).sample
         recon = recon.float()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        phase.step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if phase.step % 50 == 0:
-            phase.log.append({"step": phase.step, "loss": loss.item()})
-        if phase.step % cfg.checkpoint_every == 0:
-            phase.save()
-    bar.close()
-    if not phase.done:
-        phase.save(finished=True)
+        phase.update(loss, vae.parameters(), bar)
+    phase.finish(bar)
     vae.eval()
     # SD's scaling factor: latents scaled to unit variance, measured on the pool.
     with torch.no_grad(), autocast(cfg):
@@ -297,6 +308,12 @@ def train_unet(
     )
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed + 10 + phase.step)
     n, variants = caption_ids.shape[:2]
+
+    def update_ema() -> None:  # called after each optimiser step, before the step is counted
+        decay = min(cfg.ema_decay, (1 + phase.step) / (10 + phase.step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+
     bar = tqdm(total=cfg.unet_steps, initial=phase.step, desc="unet")
     while not phase.done and phase.should_continue():
         for g in opt.param_groups:
@@ -316,23 +333,8 @@ def train_unet(
             pred = unet(xt, t, cond).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + phase.step) / (10 + phase.step))
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_text, text_encoder, decay)
-        phase.step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if phase.step % 50 == 0:
-            phase.log.append({"step": phase.step, "loss": loss.item()})
-        if phase.step % cfg.checkpoint_every == 0:
-            phase.save()
-    bar.close()
-    if not phase.done:
-        phase.save(finished=True)
+        phase.update(loss, params, bar, after_step=update_ema)
+    phase.finish(bar)
     return ema_unet.eval(), ema_text.eval(), phase.log
 
 
@@ -358,20 +360,8 @@ def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor,
         with autocast(cfg):
             out = clip(input_ids=ids, pixel_values=pixels, return_loss=True)
         loss = out.loss.float()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
-        phase.step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if phase.step % 50 == 0:
-            phase.log.append({"step": phase.step, "loss": loss.item()})
-        if phase.step % cfg.checkpoint_every == 0:
-            phase.save()
-    bar.close()
-    if not phase.done:
-        phase.save(finished=True)
+        phase.update(loss, clip.parameters(), bar)
+    phase.finish(bar)
     return clip.eval(), phase.log
 
 
