@@ -3,7 +3,7 @@
 # training the shipped world model (UNet + text encoder, and the CLIP with partial captions) from its
 # current weights, and pack the result into $OUT. MODE=scratch trains everything anew instead.
 #
-#   run: bash tools/gpu_job.sh      carry: .whl (diffusers, importlib_metadata wheels), .gpu (tokenizers)
+#   run: bash tools/gpu_job.sh      carry: .whl (the diffusers 0.42.1 and importlib_metadata wheels)
 # Afterwards, here: cat $FILES/weights.tar.part* | tar -x -C /tmp/new && compare with benchmarks/bench_world.py.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

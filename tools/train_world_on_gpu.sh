@@ -13,8 +13,13 @@ WORK=${WORK:-/tmp/world}
 EXTRA=${EXTRA:-}; SD_EXTRA=${SD_EXTRA:-}; CLIP_EXTRA=${CLIP_EXTRA:-}; SD_PHASES=${SD_PHASES:-vae,unet}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$WORK" "$OUT"
-# Tokenizers made beforehand travel with the job, so every machine trains on the very same vocabulary files.
-for t in tokenizer clip_tokenizer; do [ -d ".gpu/$t" ] && cp -r ".gpu/$t" "$WORK/"; done
+# Train on the shipped vocabulary files (building them anew can number the tokens differently), so that a
+# continued model keeps its token ids.
+W=src/cones/world/weights
+mkdir -p "$WORK/tokenizer" "$WORK/clip_tokenizer"
+for f in vocab.json merges.txt tokenizer.json tokenizer_config.json; do
+  cp "$W/sd/tokenizer/$f" "$WORK/tokenizer/"; cp "$W/clip/$f" "$WORK/clip_tokenizer/"
+done
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 start=$(date +%s)
 python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases pool --pool-size "$POOL" $EXTRA 2>&1 | tail -n 3
