@@ -74,7 +74,8 @@ from cones.refine import (
 )
 from cones.storage import load_concept_file, save_concept
 from cones.switching import shut
-from cones.world.concepts import SubjectDetector, eval_prompts, references, search_prompts, subject_detector
+from cones.world.concepts import SubjectDetector, eval_prompts, references, subject_detector
+from cones.world.concepts import subject_data as world_subject_data
 from cones.world.render import render
 from cones.world.scene import RELATIONS, SIZES, Scene, place, radius_for
 from cones.world.subjects import SUBJECTS
@@ -167,12 +168,7 @@ def cached(path: Path, make) -> tuple[ConceptNeurons, float]:
 
 
 def subject_data(name: str) -> SubjectData:
-    subject, token = SUBJECTS[name], TOKENS[name]
-    images, _, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, token)
-    return SubjectData(
-        images, token, subject.class_word, subject_prompts=subject_prompts, class_prompts=class_prompts
-    )
+    return world_subject_data(SUBJECTS[name], TOKENS[name])
 
 
 def composition_renders(

@@ -150,13 +150,9 @@ def _subject_data(pipe, plan):
     if kind == "images":
         images, _ = load_images(source, model_resolution(pipe))
         return SubjectData(images, token, class_word)
-    from cones.world.concepts import references, search_prompts
+    from cones.world.concepts import subject_data
 
-    images, _, _ = references(source)
-    subject_prompts, class_prompts = search_prompts(source, token)
-    return SubjectData(
-        images, token, class_word, subject_prompts=subject_prompts, class_prompts=class_prompts
-    )
+    return subject_data(source, token)
 
 
 def _mean_loss(losses: list[float], first: bool) -> float:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cones.evaluate import ClipScorer, roc_auc
 from cones.images import to_tensor
+from cones.refine import SubjectData
 from cones.world.render import render
 from cones.world.scene import BACKGROUNDS, SHAPES
 from cones.world.subjects import Subject
@@ -43,6 +44,15 @@ def search_prompts(subject: Subject, token: str) -> tuple[list[str] | None, list
     else:
         class_prompts = [subject.prompt(None)]
     return subject_prompts, class_prompts
+
+
+def subject_data(subject: Subject, token: str) -> SubjectData:
+    """A world subject as the multi-subject searches take it: references, prompts and class prompts."""
+    images, _, _ = references(subject)
+    subject_prompts, class_prompts = search_prompts(subject, token)
+    return SubjectData(
+        images, token, subject.class_word, subject_prompts=subject_prompts, class_prompts=class_prompts
+    )
 
 
 def eval_prompts(subject: Subject, token: str | None) -> list[str]:
