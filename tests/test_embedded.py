@@ -1,5 +1,6 @@
 """The embedded world model that cones ships: loads offline in standard classes, small, generates."""
 
+import math
 import os
 
 import pytest
@@ -64,3 +65,26 @@ def test_training_code_runs_every_phase_and_exports(tmp_path):
     assert state["step"] == 2 and state["finished"]
     again = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd")).unet.state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):
+    """The wall-clock cap and the cosine schedule count the seconds of every run of a phase, so that an
+    interrupted time-capped run does not start its learning rate over when it resumes."""
+    from cones.world.train import Phase, TrainConfig
+
+    cfg = TrainConfig(out=str(tmp_path), phase_seconds={"unet": 100.0})
+    layer = torch.nn.Linear(2, 2)
+
+    def phase():
+        return Phase(cfg, "unet", 10**6, {"layer": layer}, torch.optim.SGD(layer.parameters(), lr=0.1))
+
+    first = phase()
+    first.seconds_before = 60.0  # as if the first run had trained for a minute before it was killed
+    first.save()
+    resumed = phase()
+    assert 0.6 <= resumed.progress() < 0.7
+    assert resumed.lr(1.0, warmup=0) < 0.5 * (1 + math.cos(math.pi * 0.6)) + 1e-6
+    assert resumed.should_continue()
+    resumed.seconds_before = 101.0
+    resumed.save()
+    assert not phase().should_continue()

@@ -153,6 +153,7 @@ class Phase:
         self.log: list[dict] = []
         self.started = time.time()
         self.seconds = cfg.phase_seconds.get(name)
+        self.seconds_before = 0.0  # wall-clock seconds spent in earlier runs of this phase
         self.done = False  # finished earlier: by steps or by its wall-clock cap
         if os.path.exists(self.path):
             state = torch.load(self.path, map_location=cfg.device, weights_only=False)
@@ -160,11 +161,17 @@ class Phase:
                 module.load_state_dict(state["modules"][key])
             optimizer.load_state_dict(state["optimizer"])
             self.step, self.log, self.done = state["step"], state["log"], state["finished"]
+            self.seconds_before = state.get("seconds", 0.0)
             torch.set_rng_state(state["cpu_rng"].cpu())
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds spent in this phase, over every run of it: a resumed run goes on where the
+        interrupted one stopped, on the wall-clock cap and on the learning-rate schedule alike."""
+        return self.seconds_before + time.time() - self.started
 
     def progress(self) -> float:
         """Fraction of the phase done, by steps or by wall clock, whichever is further along."""
-        by_time = (time.time() - self.started) / self.seconds if self.seconds else 0.0
+        by_time = self.elapsed() / self.seconds if self.seconds else 0.0
         return min(1.0, max(self.step / self.steps, by_time))
 
     def lr(self, base: float, warmup: int = 200) -> float:
@@ -199,7 +206,7 @@ class Phase:
     def should_continue(self) -> bool:
         if self.step >= self.steps:
             return False
-        return self.seconds is None or time.time() - self.started < self.seconds
+        return self.seconds is None or self.elapsed() < self.seconds
 
     def save(self, finished: bool = False) -> None:
         state = {
@@ -209,6 +216,7 @@ class Phase:
             "log": self.log,
             "cpu_rng": torch.get_rng_state(),
             "finished": finished,
+            "seconds": self.elapsed(),
         }
         tmp = self.path + ".tmp"
         torch.save(state, tmp)
