@@ -74,7 +74,7 @@ from cones.refine import (
 )
 from cones.storage import load_concept_file, save_concept
 from cones.switching import shut
-from cones.world.concepts import SubjectDetector, eval_prompts, references, subject_detector
+from cones.world.concepts import SubjectDetector, best_threshold, eval_prompts, references, subject_detector
 from cones.world.concepts import subject_data as world_subject_data
 from cones.world.render import render
 from cones.world.scene import RELATIONS, SIZES, Scene, place, radius_for
@@ -209,10 +209,7 @@ def composition_detector(scorer, detector: SubjectDetector, name: str, combo: tu
     """
     pos = detector.scores(scorer.images(composition_renders(combo, n, seed=1))).numpy()
     neg = detector.scores(scorer.images(composition_renders(combo, n, seed=2, swap=name))).numpy()
-    candidates = np.sort(np.concatenate([pos, neg]))
-    accuracy = [((pos > t).mean() + (neg <= t).mean()) / 2 for t in candidates]
-    threshold = float(candidates[int(np.argmax(accuracy))])
-    return SubjectDetector(detector.references, detector.negatives, threshold, roc_auc(pos, neg))
+    return replace(detector, threshold=best_threshold(pos, neg), auc=roc_auc(pos, neg))
 
 
 def score(scorer, rows, prompts, names, detectors) -> dict:

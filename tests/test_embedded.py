@@ -88,3 +88,38 @@ def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):
     resumed.seconds_before = 101.0
     resumed.save()
     assert not phase().should_continue()
+
+
+def test_the_probe_finds_the_one_direction_that_separates_two_classes():
+    from cones.evaluate import roc_auc
+    from cones.world.concepts import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n, shift):
+        x = torch.randn(n, 16, generator=g) * torch.linspace(0.5, 3.0, 16)  # loud dimensions everywhere
+        x[:, 5] = torch.randn(n, generator=g) * 0.3 + shift  # ... and a quiet one that tells the classes apart
+        return x
+
+    mean, scale, weight, bias = fit_probe(sample(300, 1.0), sample(300, 0.0))
+    assert int(weight.abs().argmax()) == 5
+
+    def logit(x):
+        return ((x - mean) / scale) @ weight + bias
+
+    assert roc_auc(logit(sample(200, 1.0)).numpy(), logit(sample(200, 0.0)).numpy()) > 0.95
+
+
+def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():
+    from cones.evaluate import ClipScorer
+    from cones.world.concepts import pictures, subject_detector
+    from cones.world.subjects import SUBJECTS
+
+    scorer = ClipScorer()
+    subject = SUBJECTS["striped-circle"]
+    detector = subject_detector(scorer, subject, n=40, n_fit=120)
+    assert detector.auc > 0.95
+    fresh = scorer.images(pictures(subject.held_out(20, seed=7)))
+    others = scorer.images(pictures([(s,) for s in subject.class_negatives(20, seed=7)]))
+    assert detector.present(fresh).float().mean() > 0.8
+    assert detector.present(others).float().mean() < 0.2
