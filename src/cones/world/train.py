@@ -278,7 +278,7 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor):
 def encode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
     """Latent means of every pool image, scaled as SD scales them: (N, 4, 16, 16)."""
     out = []
-    for i in range(0, len(images), 1024):
+    for i in tqdm(range(0, len(images), 1024), desc="encode", unit="batch"):
         with autocast(cfg):
             out.append(vae.encode(to_pixels(images[i : i + 1024])).latent_dist.mean.float())
     return torch.cat(out) * vae.config.scaling_factor
