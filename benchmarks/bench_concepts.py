@@ -6,7 +6,8 @@ neurons shut, and measure
 - image alignment (CLIP cosine to the references) and the detector's subject rate, without -> with;
 - text alignment to the prompt without the identifier;
 - drift: the same prompts *without* the identifier, with and without the neurons shut, compared image to
-  image (CLIP cosine of paired images, same seed); 1.0 means shutting left them untouched;
+  image (CLIP cosine of paired images, same seed); 1.0 means shutting left them untouched. Its yardstick:
+  the cosine between images of the same prompt at different seeds (what resampling alone changes);
 - sparsity, file size and search time.
 
     python benchmarks/bench_concepts.py --quick                 # 3 subjects, 2 seeds
@@ -24,7 +25,7 @@ import time
 import torch
 
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig, find_concept
+from cones.find import FindConfig, _model_id, find_concept
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
 from cones.world.concepts import eval_prompts, references, score_subject, search_prompts, subject_detector
@@ -33,14 +34,19 @@ from cones.world.subjects import SUBJECTS
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def drift(pipe, scorer, subject, concept, seeds) -> float:
-    """Mean CLIP cosine between paired images of the class prompts, without vs with the concept shut."""
+def drift(pipe, scorer, subject, concept, seeds) -> tuple[float, float]:
+    """Mean CLIP cosine between paired images of the class prompts, without vs with the concept shut; and,
+    as its yardstick, between images of one prompt at different seeds on the unshut model."""
     prompts = eval_prompts(subject, None)
     flat = lambda rows: [im for row in rows for im in row]  # noqa: E731
     before = scorer.images(flat(generate(pipe, prompts, seeds)))
     with concept.shut(pipe.unet):
         after = scorer.images(flat(generate(pipe, prompts, seeds)))
-    return float((before * after).sum(-1).mean())
+    per_prompt = before.view(len(prompts), len(seeds), -1)
+    pairs = per_prompt @ per_prompt.transpose(1, 2)  # (prompts, seeds, seeds)
+    off_diagonal = ~torch.eye(len(seeds), dtype=torch.bool)
+    seed_similarity = float(pairs[:, off_diagonal].mean()) if len(seeds) > 1 else float("nan")
+    return float((before * after).sum(-1).mean()), seed_similarity
 
 
 def main() -> None:
@@ -58,7 +64,8 @@ def main() -> None:
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(), ClipScorer()
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
-                "lr": FindConfig.lr, "batch_size": FindConfig.batch_size}
+                "lr": FindConfig.lr, "batch_size": FindConfig.batch_size,
+                "model": _model_id(pipe), "detector": "linear probe"}  # resuming keeps results of equal settings
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = {"settings": settings, "subjects": {}}
     if os.path.exists(path):  # resume: subjects measured with the same settings are kept
@@ -83,7 +90,7 @@ def main() -> None:
         )
         seconds = time.time() - started
         base = score_subject(pipe, scorer, subject, detector, "sks", seeds)
-        entry = {"detector_auc": detector.auc, "search_seconds": seconds,
+        entry = {"detector_auc": detector.auc, "search_seconds": seconds, "seed_similarity": None,
                  "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")}}
         rows += [pictures, base["images"][0]]
         for sparsity in args.sparsity:
@@ -94,9 +101,10 @@ def main() -> None:
                 concept_path = os.path.join(tmp, "c.cones")
                 concept.save(concept_path)
                 size = os.path.getsize(concept_path)
+            drift_similarity, entry["seed_similarity"] = drift(pipe, scorer, subject, concept, seeds)
             entry[f"with_{sparsity}"] = {
                 **{k: shut[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
-                "drift_similarity": drift(pipe, scorer, subject, concept, seeds),
+                "drift_similarity": drift_similarity,
                 "neurons": concept.num_neurons, "sparsity": concept.sparsity, "file_bytes": size,
             }
             rows.append(shut["images"][0])
@@ -110,13 +118,15 @@ def main() -> None:
         rows = []
 
     head = "| subject | AUC | image align. without | " + " | ".join(
-        f"image align. / detected / drift sim. @ {100 * s:g}%" for s in args.sparsity) + " | detected without | search |"
-    lines = [head, "|" + "---|" * (5 + len(args.sparsity))]
+        f"image align. / detected / drift sim. @ {100 * s:g}%" for s in args.sparsity) + (
+        " | detected without | seed-to-seed sim. | search |")
+    lines = [head, "|" + "---|" * (6 + len(args.sparsity))]
     for name, e in results["subjects"].items():
         cells = [f"{e[f'with_{s}']['image_alignment']:.3f} / {e[f'with_{s}']['subject_rate']:.0%} / "
                  f"{e[f'with_{s}']['drift_similarity']:.3f}" for s in args.sparsity]
         lines.append(f"| {name} | {e['detector_auc']:.3f} | {e['without']['image_alignment']:.3f} | "
-                     + " | ".join(cells) + f" | {e['without']['subject_rate']:.0%} | {e['search_seconds']:.0f} s |")
+                     + " | ".join(cells) + f" | {e['without']['subject_rate']:.0%} | {e['seed_similarity']:.3f} "
+                     f"| {e['search_seconds']:.0f} s |")
     s = results["settings"]
     lines += ["", f"A2, {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}+{s['batch_size']}, "
               f"targets {s['targets']} K/V; {len(seeds)} seeds per prompt; grid: {args.name}.png "
