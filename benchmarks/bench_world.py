@@ -10,6 +10,7 @@
 
     python benchmarks/bench_world.py            # full: writes benchmarks/results/world.{json,md}
     python benchmarks/bench_world.py --quick    # fewer prompts and seeds
+    python benchmarks/bench_world.py --quick --model runs/world/sd --name world-new   # a model in training
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=None, help="a world model folder to measure (default: the shipped one)")
+    parser.add_argument("--name", default="world", help="results file name")
     args = parser.parse_args()
     n_prompts, n_seeds = (24, 2) if args.quick else (96, 2)
     torch.manual_seed(0)
-    pipe, scorer = load_pipeline(), ClipScorer()
-    report: dict = {"model": "cones-world (embedded)", "settings": {"prompts": n_prompts, "seeds": n_seeds,
+    pipe, scorer = load_pipeline(args.model), ClipScorer()
+    report: dict = {"model": args.model or "cones-world (embedded)", "settings": {"prompts": n_prompts, "seeds": n_seeds,
                                                                     "steps": 25, "guidance_scale": 5.0}}
 
     # 1. The CLIP on real renders.
@@ -114,7 +117,7 @@ def main() -> None:
     report["generation"] = {**timings, "threads": torch.get_num_threads()}
 
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "world.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump(report, f, indent=2)
     lines = ["| check | shape | colour | background |", "|---|---|---|---|"]
     for key, label in (("clip_on_renders", "CLIP zero-shot on real renders"),
@@ -131,7 +134,7 @@ def main() -> None:
     g = report["generation"]
     lines += ["", f"Generation, 64x64, 25 steps, CPU ({g['threads']} threads): 1 image {g['batch_1_seconds']:.1f} s, "
               f"16 images {g['batch_16_seconds']:.1f} s."]
-    with open(os.path.join(RESULTS, "world.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
