@@ -123,3 +123,16 @@ def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():
     others = scorer.images(pictures([(s,) for s in subject.class_negatives(20, seed=7)]))
     assert detector.present(fresh).float().mean() > 0.8
     assert detector.present(others).float().mean() < 0.2
+
+
+def test_a_continued_model_keeps_its_vocabulary(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from cones.world.train import world_tokenizers
+
+    sd = os.path.join(world.WEIGHTS, "sd")
+    clip = os.path.join(world.WEIGHTS, "clip")
+    sd_tokenizer, clip_tokenizer = world_tokenizers(str(tmp_path), sd, clip)
+
+    assert sd_tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer").get_vocab()
+    assert clip_tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(clip).get_vocab()

@@ -117,14 +117,19 @@ def render_pool(cfg: TrainConfig) -> dict:
     return pool
 
 
-def world_tokenizers(out: str):
-    """The diffusion model's tokenizer (caption words) and the evaluation CLIP's (every detail word)."""
+def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None = None):
+    """The diffusion model's tokenizer (caption words) and the evaluation CLIP's (every detail word).
+
+    A model that is continued keeps its own vocabulary files (`sd_from`: a pipeline folder, `clip_from`: a
+    CLIP folder): building them anew could number the same words differently."""
     made = []
-    for name, words, length in (
-        ("tokenizer", caption_words(), models.MAX_TOKENS),
-        ("clip_tokenizer", detailed_words(), models.CLIP_MAX_TOKENS),
+    for name, words, length, source in (
+        ("tokenizer", caption_words(), models.MAX_TOKENS, sd_from and os.path.join(sd_from, "tokenizer")),
+        ("clip_tokenizer", detailed_words(), models.CLIP_MAX_TOKENS, clip_from),
     ):
         path = os.path.join(out, name)
+        if not os.path.exists(os.path.join(path, "tokenizer.json")) and source:
+            CLIPTokenizer.from_pretrained(source).save_pretrained(path)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             made.append(CLIPTokenizer.from_pretrained(path))
         else:
@@ -460,7 +465,7 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         torch.backends.cudnn.allow_tf32 = True
     report: dict = {"config": asdict(cfg), "seconds": {}}
     t0 = time.time()
-    sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out)
+    sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out, cfg.init_from, cfg.clip_init_from)
     pool = render_pool(cfg)
     report["seconds"]["render"] = time.time() - t0
     if phases == ("pool",):
