@@ -65,6 +65,11 @@ def test_training_code_runs_every_phase_and_exports(tmp_path):
     assert state["step"] == 2 and state["finished"]
     again = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd")).unet.state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+    # exporting the checkpoint as it stands gives the same model as the finished phase did
+    os.rename(os.path.join(tmp_path, "sd"), os.path.join(tmp_path, "finished"))
+    train(cfg, ("export",))
+    exported = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd")).unet.state_dict()
+    assert all(torch.equal(first[k], exported[k]) for k in first)
 
 
 def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):

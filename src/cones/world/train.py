@@ -471,9 +471,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     if phases == ("pool",):
         return report
     images = torch.from_numpy(pool["images"]).to(cfg.device)
-    if cfg.init_from and "unet" in phases:
+    if cfg.init_from and ("unet" in phases or "export" in phases):
         vae = AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").to(cfg.device).eval()
-    elif "vae" in phases or "unet" in phases:
+    elif "vae" in phases or "unet" in phases or "export" in phases:
         t = time.time()
         vae, report["vae_log"] = train_vae(cfg, images)
         report["seconds"]["vae"] = time.time() - t
@@ -486,6 +486,13 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         unet, text_encoder, report["unet_log"] = train_unet(cfg, latents, ids, empty, sd_tokenizer)
         report["seconds"]["unet"] = time.time() - t
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet, text_encoder, sd_tokenizer)
+    elif "export" in phases:  # the UNet phase as it stands in its last checkpoint: a long run looked at midway
+        state = torch.load(os.path.join(cfg.out, "checkpoint-unet.pt"), map_location=cfg.device, weights_only=False)
+        unet, text_encoder = models.build_unet(), models.build_text_encoder(sd_tokenizer)
+        unet.load_state_dict(state["modules"]["ema_unet"])
+        text_encoder.load_state_dict(state["modules"]["ema_text"])
+        report["unet_log"], report["unet_step"] = state["log"], state["step"]
+        export_pipeline(os.path.join(cfg.out, "sd"), vae, unet.eval(), text_encoder.eval(), sd_tokenizer)
     if "clip" in phases:
         t = time.time()
         details = pool["details"]  # (N, variants)
@@ -502,7 +509,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training flags, one per `TrainConfig` field, plus `--phases`."""
-    parser.add_argument("--phases", default="vae,unet,clip", help="comma-separated: pool, vae, unet, clip")
+    parser.add_argument("--phases", default="vae,unet,clip",
+                        help="comma-separated: pool, vae, unet, clip; or export: the UNet phase's EMA weights "
+                             "as they stand in its last checkpoint, exported as OUT/sd")
     parser.add_argument("--out", required=True, help=TrainConfig.__dataclass_fields__["out"].metadata["help"])
     parser.add_argument("--phase-seconds", default="{}", help='wall-clock cap per phase, JSON: {"unet": 300}')
     for f in TrainConfig.__dataclass_fields__.values():
