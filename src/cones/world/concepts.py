@@ -120,7 +120,7 @@ def fit_probe(
         return loss
 
     optimizer.step(closure)
-    return mean.float(), scale.float(), weight.detach().float(), float(bias)
+    return mean.float(), scale.float(), weight.detach().float(), float(bias.detach())
 
 
 def best_threshold(positives: np.ndarray, negatives: np.ndarray) -> float:
