@@ -32,7 +32,7 @@ scores.
 
     python benchmarks/bench_multi.py [--quick]
 
-`--quick` took 8.5 min on 2 shared CPUs with nothing cached but the class images, 2.5 min cached.
+`--quick` took 7.8 min with one thread (another benchmark beside it) and nothing cached, 2.5 min cached.
 
 Writes benchmarks/results/multi.json, multi.md and the grids multi-{2,3,4}.png, multi-overlap-*.png,
 multi-sequential.png.
