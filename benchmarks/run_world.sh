@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark that measures the embedded world model, in two lanes of one torch thread each (a 2-core
-# machine), as the README's results were made: run it after the shipped weights change. About half an hour on a
-# 2-core CPU; each benchmark writes its JSON and table into benchmarks/results/, and its log into
-# benchmarks/results/logs/. The demo's report goes to runs/demo/.
+# machine), as the README's results were made: run it after the shipped weights change. About half an
+# hour on a 2-core CPU; each benchmark writes its JSON and table into benchmarks/results/, and its log
+# into benchmarks/results/logs/. The demo's report goes to runs/demo/.
 #
 #   bash benchmarks/run_world.sh
 set -uo pipefail
