@@ -34,19 +34,28 @@ from cones.world.subjects import SUBJECTS
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def drift(pipe, scorer, subject, concept, seeds) -> tuple[float, float]:
-    """Mean CLIP cosine between paired images of the class prompts, without vs with the concept shut; and,
-    as its yardstick, between images of one prompt at different seeds on the unshut model."""
+def flat(rows):
+    return [im for row in rows for im in row]
+
+
+def class_images(pipe, scorer, subject, seeds) -> tuple[torch.Tensor, float]:
+    """CLIP embeddings of the class prompts' images on the model as it is (the drift's reference), and their
+    yardstick: the mean cosine between images of one prompt at different seeds (what resampling changes)."""
     prompts = eval_prompts(subject, None)
-    flat = lambda rows: [im for row in rows for im in row]  # noqa: E731
-    before = scorer.images(flat(generate(pipe, prompts, seeds)))
-    with concept.shut(pipe.unet):
-        after = scorer.images(flat(generate(pipe, prompts, seeds)))
-    per_prompt = before.view(len(prompts), len(seeds), -1)
+    embeddings = scorer.images(flat(generate(pipe, prompts, seeds)))
+    per_prompt = embeddings.view(len(prompts), len(seeds), -1)
     pairs = per_prompt @ per_prompt.transpose(1, 2)  # (prompts, seeds, seeds)
     off_diagonal = ~torch.eye(len(seeds), dtype=torch.bool)
     seed_similarity = float(pairs[:, off_diagonal].mean()) if len(seeds) > 1 else float("nan")
-    return float((before * after).sum(-1).mean()), seed_similarity
+    return embeddings, seed_similarity
+
+
+def drift(pipe, scorer, subject, concept, seeds, before: torch.Tensor) -> float:
+    """Mean CLIP cosine between paired images of the class prompts, without (`before`) vs with the concept
+    shut."""
+    with concept.shut(pipe.unet):
+        after = scorer.images(flat(generate(pipe, eval_prompts(subject, None), seeds)))
+    return float((before * after).sum(-1).mean())
 
 
 def main() -> None:
@@ -90,7 +99,8 @@ def main() -> None:
         )
         seconds = time.time() - started
         base = score_subject(pipe, scorer, subject, detector, "sks", seeds)
-        entry = {"detector_auc": detector.auc, "search_seconds": seconds, "seed_similarity": None,
+        before, seed_similarity = class_images(pipe, scorer, subject, seeds)
+        entry = {"detector_auc": detector.auc, "search_seconds": seconds, "seed_similarity": seed_similarity,
                  "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")}}
         rows += [pictures, base["images"][0]]
         for sparsity in args.sparsity:
@@ -101,10 +111,9 @@ def main() -> None:
                 concept_path = os.path.join(tmp, "c.cones")
                 concept.save(concept_path)
                 size = os.path.getsize(concept_path)
-            drift_similarity, entry["seed_similarity"] = drift(pipe, scorer, subject, concept, seeds)
             entry[f"with_{sparsity}"] = {
                 **{k: shut[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
-                "drift_similarity": drift_similarity,
+                "drift_similarity": drift(pipe, scorer, subject, concept, seeds, before),
                 "neurons": concept.num_neurons, "sparsity": concept.sparsity, "file_bytes": size,
             }
             rows.append(shut["images"][0])
