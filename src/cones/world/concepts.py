@@ -133,18 +133,19 @@ def best_threshold(positives: np.ndarray, negatives: np.ndarray) -> float:
 def subject_detector(scorer: ClipScorer, subject: Subject, n: int = 200, n_fit: int = 1000) -> SubjectDetector:
     """Fit the probe on `n_fit` renders of the subject and as many of its class, then set its threshold and
     measure its ROC AUC on `n` other renders of each (seeds disjoint from the fitting ones)."""
-    def embed(scenes) -> torch.Tensor:
-        return scorer.images(pictures(scenes))
+    def renders(n: int, seed: int) -> torch.Tensor:  # the subject's held-out renders
+        return scorer.images(pictures(subject.held_out(n, seed=seed)))
 
-    refs = embed(subject.references())
-    mean, scale, weight, bias = fit_probe(
-        embed(subject.held_out(n_fit, seed=1)), embed([(s,) for s in subject.class_negatives(n_fit, seed=3)])
-    )
-    pos_emb, neg_emb = embed(subject.held_out(n)), embed([(s,) for s in subject.class_negatives(n, seed=2)])
+    def class_renders(n: int, seed: int) -> torch.Tensor:  # its class without it
+        return scorer.images(pictures([(s,) for s in subject.class_negatives(n, seed=seed)]))
+
+    refs = scorer.images(pictures(subject.references()))
+    mean, scale, weight, bias = fit_probe(renders(n_fit, seed=1), class_renders(n_fit, seed=3))
+    pos_emb, neg_emb = renders(n, seed=0), class_renders(n, seed=2)
     detector = SubjectDetector(refs, mean, scale, weight, bias, 0.0, 0.0, 0.0)
     pos, neg = detector.scores(pos_emb).numpy(), detector.scores(neg_emb).numpy()
     detector.threshold, detector.auc = best_threshold(pos, neg), roc_auc(pos, neg)
-    class_emb = embed([(s,) for s in subject.class_negatives(64, seed=1)])
+    class_emb = class_renders(64, seed=1)
     pos, neg = ((e @ refs.T).mean(1) - (e @ class_emb.T).mean(1) for e in (pos_emb, neg_emb))
     detector.similarity_auc = roc_auc(pos.numpy(), neg.numpy())
     return detector
