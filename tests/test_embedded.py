@@ -141,3 +141,12 @@ def test_a_continued_model_keeps_its_vocabulary(tmp_path):
 
     assert sd_tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer").get_vocab()
     assert clip_tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(clip).get_vocab()
+
+
+def test_exporting_a_run_that_never_trained_the_unet_says_so(tmp_path):
+    from cones.world.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=8, workers=1, vae_steps=1, vae_batch=4,
+                      init_from=os.path.join(world.WEIGHTS, "sd"))
+    with pytest.raises(FileNotFoundError, match="no UNet checkpoint to export.*--out of a run"):
+        train(cfg, ("export",))

@@ -487,7 +487,12 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         report["seconds"]["unet"] = time.time() - t
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet, text_encoder, sd_tokenizer)
     elif "export" in phases:  # the UNet phase as it stands in its last checkpoint: a long run looked at midway
-        state = torch.load(os.path.join(cfg.out, "checkpoint-unet.pt"), map_location=cfg.device, weights_only=False)
+        checkpoint = os.path.join(cfg.out, "checkpoint-unet.pt")
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(
+                f"no UNet checkpoint to export in {cfg.out}: give the --out of a run that trained the unet phase."
+            )
+        state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
         unet, text_encoder = models.build_unet(), models.build_text_encoder(sd_tokenizer)
         unet.load_state_dict(state["modules"]["ema_unet"])
         text_encoder.load_state_dict(state["modules"]["ema_text"])
