@@ -55,6 +55,8 @@ def test_training_code_runs_every_phase_and_exports(tmp_path):
                       unet_steps=2, unet_batch=4, clip_steps=2, clip_batch=8, checkpoint_every=1)
     report = train(cfg)
     assert set(report["seconds"]) >= {"render", "vae", "unet", "clip"}
+    # the pool's latents are kept for a resumed run, under the fingerprint of the VAE that made them
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("latents-48-")]) == 1
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd"))
     assert pipe.vae.config.scaling_factor > 0
     CLIPModel.from_pretrained(os.path.join(tmp_path, "clip"))
@@ -150,3 +152,37 @@ def test_exporting_a_run_that_never_trained_the_unet_says_so(tmp_path):
                       init_from=os.path.join(world.WEIGHTS, "sd"))
     with pytest.raises(FileNotFoundError, match="no UNet checkpoint to export.*--out of a run"):
         train(cfg, ("export",))
+
+
+def test_decoded_images_keep_their_own_captions():
+    """The CLIP sees some pool images as the VAE returns them; each batch image still carries the index of
+    the pool image it shows, so it is paired with that image's captions."""
+    from cones.world.train import with_decoded
+
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3)
+    decoded = 100 + images[:4]  # decoded copies exist for the first four pool images only
+    idx = torch.tensor([0, 3, 5, 9, 6, 2])
+    use = torch.tensor([True, False, True, True, False, False])
+    batch, which = with_decoded(images, decoded, idx, use)
+    assert which.tolist() == [0, 3, 1, 1, 6, 2]
+    assert batch[:, 0, 0, 0].tolist() == [100, 3, 101, 101, 6, 2]
+
+
+def test_the_clip_phase_can_see_decoded_images_and_caches_them(tmp_path, monkeypatch):
+    from cones.world import train as training
+
+    cfg = training.TrainConfig(out=str(tmp_path), device="cpu", pool_size=12, workers=1, clip_steps=1, clip_batch=4,
+                               clip_decoded_share=0.5, clip_decoded_pool=6, init_from=os.path.join(world.WEIGHTS, "sd"),
+                               clip_init_from=os.path.join(world.WEIGHTS, "clip"))
+    training.train(cfg, ("clip",))
+    (cache,) = [f for f in os.listdir(tmp_path) if f.startswith("decoded-6-")]
+    decoded = torch.load(os.path.join(tmp_path, cache))
+    pool = torch.from_numpy(training.render_pool(cfg)["images"])
+    assert decoded.shape == (6, *pool.shape[1:]) and decoded.dtype == torch.uint8
+    # close to the renders (a good autoencoder) but not them (what generated images look like)
+    diff = (decoded.float() - pool[:6].float()).abs().mean()
+    assert 0 < diff < 12
+    # the second time, the decoded images come from the cache, not from the VAE
+    vae = training.AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").eval()
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: pytest.fail("decoded again"))
+    assert torch.equal(training.decode_pool(cfg, vae, pool), decoded)

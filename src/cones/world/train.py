@@ -14,6 +14,7 @@ run in a second process at the same time (`--phases clip`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,13 @@ class TrainConfig:
     clip_steps: int = 8000
     clip_batch: int = 512
     clip_lr: float = 5e-4
+    clip_decoded_share: float = field(
+        default=0.0,
+        metadata={"help": "share of the CLIP's training images shown as the VAE returns them (encoded, then "
+                          "decoded), so that it judges generated images, which come through that decoder, as "
+                          "well as crisp renders"},
+    )
+    clip_decoded_pool: int = field(default=20_000, metadata={"help": "pool images given a decoded copy"})
     phase_seconds: dict = field(default_factory=dict, metadata={"help": "wall-clock cap per phase name"})
     checkpoint_every: int = 500
     mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
@@ -279,14 +287,58 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor):
     return vae, phase.log
 
 
+def vae_fingerprint(vae) -> str:
+    """A short hash of the VAE's weights: what the cached latents and decoded images were made with."""
+    digest = hashlib.sha1()
+    for p in vae.state_dict().values():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def cached(path: str, compute) -> torch.Tensor:
+    """`compute()`, saved at `path` (atomically) the first time and loaded from there after, so that a
+    resumed run does not spend its first minutes redoing it."""
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    value = compute()
+    tmp = path + ".tmp"
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+    return value
+
+
 @torch.no_grad()
 def encode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
-    """Latent means of every pool image, scaled as SD scales them: (N, 4, 16, 16)."""
-    out = []
-    for i in tqdm(range(0, len(images), 1024), desc="encode", unit="batch"):
-        with autocast(cfg):
-            out.append(vae.encode(to_pixels(images[i : i + 1024])).latent_dist.mean.float())
-    return torch.cat(out) * vae.config.scaling_factor
+    """Latent means of every pool image, scaled as SD scales them: (N, 4, 16, 16); cached in `out/`."""
+
+    def compute() -> torch.Tensor:
+        out = []
+        for i in tqdm(range(0, len(images), 1024), desc="encode", unit="batch"):
+            with autocast(cfg):
+                out.append(vae.encode(to_pixels(images[i : i + 1024])).latent_dist.mean.float().cpu())
+        return torch.cat(out) * vae.config.scaling_factor
+
+    path = os.path.join(cfg.out, f"latents-{len(images)}-{vae_fingerprint(vae)}.pt")
+    return cached(path, compute).to(cfg.device)
+
+
+@torch.no_grad()
+def decode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
+    """The first `clip_decoded_pool` pool images as the VAE returns them, uint8 (R, H, W, 3); cached in
+    `out/`. Generated images are decoded latents: slightly soft edges the CLIP must not mistake for
+    another shape."""
+    n = min(cfg.clip_decoded_pool, len(images))
+
+    def compute() -> torch.Tensor:
+        out = []
+        for i in tqdm(range(0, n, 512), desc="decode", unit="batch"):
+            with autocast(cfg):
+                x = vae.decode(vae.encode(to_pixels(images[i : min(n, i + 512)])).latent_dist.mean).sample
+            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        return torch.cat(out)
+
+    path = os.path.join(cfg.out, f"decoded-{n}-{vae_fingerprint(vae)}.pt")
+    return cached(path, compute).to(cfg.device)
 
 
 def train_unet(
@@ -351,8 +403,18 @@ def train_unet(
     return ema_unet.eval(), ema_text.eval(), phase.log
 
 
-def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor, tokenizer):
-    """A small CLIP, contrastive on renders and their detailed captions."""
+def with_decoded(images: torch.Tensor, decoded: torch.Tensor, idx: torch.Tensor, use: torch.Tensor):
+    """A batch of pool images `idx` where the `use` ones are shown decoded instead. A decoded image only
+    exists for the first `len(decoded)` pool images, so those picks move there; the returned indices say
+    which pool image (and so which captions) each batch image is."""
+    idx = torch.where(use, idx % len(decoded), idx)
+    return torch.where(use[:, None, None, None], decoded[idx % len(decoded)], images[idx]), idx
+
+
+def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor, tokenizer,
+               decoded: torch.Tensor | None = None):
+    """A small CLIP, contrastive on renders and their detailed captions; with `decoded` (the first pool
+    images as the VAE returns them), a `clip_decoded_share` of each batch is shown in that form instead."""
     torch.manual_seed(cfg.seed + 2)
     clip = models.build_clip(tokenizer).to(cfg.device)
     if cfg.clip_init_from:
@@ -368,7 +430,11 @@ def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor,
             g["lr"] = phase.lr(cfg.clip_lr)
         idx = torch.randint(0, len(images), (cfg.clip_batch,), generator=gen, device=cfg.device)
         which = torch.randint(0, detail_ids.shape[1], (cfg.clip_batch,), generator=gen, device=cfg.device)
-        pixels = ((to_pixels(images[idx]) + 1) / 2 - mean) / std
+        batch = images[idx]
+        if decoded is not None:
+            use = torch.rand(cfg.clip_batch, generator=gen, device=cfg.device) < cfg.clip_decoded_share
+            batch, idx = with_decoded(images, decoded, idx, use)
+        pixels = ((to_pixels(batch) + 1) / 2 - mean) / std
         ids = detail_ids[idx, which]  # (B, T): the full caption or a partial one
         with autocast(cfg):
             out = clip(input_ids=ids, pixel_values=pixels, return_loss=True)
@@ -471,9 +537,10 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     if phases == ("pool",):
         return report
     images = torch.from_numpy(pool["images"]).to(cfg.device)
-    if cfg.init_from and ("unet" in phases or "export" in phases):
+    clip_sees_decoded = "clip" in phases and cfg.clip_decoded_share > 0
+    if cfg.init_from and ("unet" in phases or "export" in phases or clip_sees_decoded):
         vae = AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").to(cfg.device).eval()
-    elif "vae" in phases or "unet" in phases or "export" in phases:
+    elif "vae" in phases or "unet" in phases or "export" in phases or clip_sees_decoded:
         t = time.time()
         vae, report["vae_log"] = train_vae(cfg, images)
         report["seconds"]["vae"] = time.time() - t
@@ -503,7 +570,8 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         details = pool["details"]  # (N, variants)
         ids = tokenize(clip_tokenizer, details.reshape(-1), models.CLIP_MAX_TOKENS)
         ids = ids.view(*details.shape, -1).to(cfg.device)
-        clip, report["clip_log"] = train_clip(cfg, images, ids, clip_tokenizer)
+        decoded = decode_pool(cfg, vae, images) if clip_sees_decoded else None
+        clip, report["clip_log"] = train_clip(cfg, images, ids, clip_tokenizer, decoded)
         report["seconds"]["clip"] = time.time() - t
         export_clip(os.path.join(cfg.out, "clip"), clip, clip_tokenizer)
     report["seconds"]["total"] = time.time() - t0
