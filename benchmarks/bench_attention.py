@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import RESULTS, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
 CONCEPT_CACHE = ROOT / "runs" / "concepts"
 CLASS_CACHE = ROOT / "runs" / "class-cache"
 TOKEN = "sks"
@@ -222,10 +222,7 @@ def main() -> None:
         "per_render": per_render,
         "total_s": time.perf_counter() - started,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "attention.md").write_text(markdown(report))
-    print(markdown(report))
+    save_results("attention", report, markdown(report))
 
 
 def markdown(report: dict) -> str:

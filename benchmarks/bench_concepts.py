@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import torch
+from results_io import RESULTS, save_results, write_atomic
 
 from cones.evaluate import ClipScorer
 from cones.find import FindConfig, _model_id, find_concept
@@ -30,8 +31,6 @@ from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
 from cones.world.concepts import eval_prompts, references, score_subject, search_prompts, subject_detector
 from cones.world.subjects import SUBJECTS
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def flat(rows):
@@ -119,10 +118,7 @@ def main() -> None:
             rows.append(shut["images"][0])
         results["subjects"][name] = entry
         print(name, json.dumps(entry), flush=True)
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(path + ".tmp", "w") as f:  # after every subject, so an interrupted run keeps its results
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(results, indent=2))  # after every subject: an interrupted run keeps them
         grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
         rows = []
 
@@ -141,9 +137,7 @@ def main() -> None:
               f"targets {s['targets']} K/V; {len(seeds)} seeds per prompt; grid: {args.name}.png "
               "(per subject: references, without, then with each sparsity, first prompt)."]
     lines[-1] = lines[-1].replace(f"grid: {args.name}.png", f"grids: {args.name}-<subject>.png")
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.name, results, "\n".join(lines))
 
 
 if __name__ == "__main__":

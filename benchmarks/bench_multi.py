@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from results_io import RESULTS, save_results
 
 import cones
 from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifiers, text_alignment
@@ -81,7 +82,6 @@ from cones.world.scene import RELATIONS, SIZES, Scene, place, radius_for
 from cones.world.subjects import SUBJECTS
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
 CACHE = ROOT / "runs" / "multi"
 CLASS_CACHE = ROOT / "runs" / "class-cache"
 
@@ -529,9 +529,7 @@ def main() -> None:
         },
         "timings": timings,
     }
-    (RESULTS / "multi.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "multi.md").write_text(markdown(report))
-    print(markdown(report))
+    save_results("multi", report, markdown(report))
 
 
 def pct(x: float | None) -> str:

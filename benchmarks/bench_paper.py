@@ -33,7 +33,6 @@ Writes benchmarks/results/paper.json, paper.md and the grids benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from results_io import RESULTS, save_results
 
 import cones
 from cones import baselines
@@ -59,7 +59,6 @@ from cones.storage import save_concept
 from cones.world import concepts
 from cones.world.subjects import SUBJECTS
 
-RESULTS = Path(__file__).parent / "results"
 SUBJECT_ORDER = (
     ("striped-circle", "sks"),
     ("sunset-sea", "xqz"),
@@ -462,8 +461,7 @@ def main() -> None:
             record = {k: v for k, v in e.items() if k not in ("value", "showcase", "kind")}
             group["methods"][method] = record
         report["groups"][str(n)] = group
-    (out / "paper.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "paper.md").write_text(markdown_report(report))
+    save_results("paper", report, markdown_report(report), out)
     print(
         f"wrote {out / 'paper.json'}, {out / 'paper.md'} and grids in {out / 'paper'} "
         f"({report['times_s']['total'] / 60:.1f} min)"

@@ -22,16 +22,14 @@ Writes benchmarks/results/precision.json and precision.md; the values files go t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import time
-from pathlib import Path
 
 import torch
 from bench_attention import CLASS_CACHE, ROOT, TOKEN, world_concept
+from results_io import save_results
 
-RESULTS = Path(__file__).parent / "results"
 OUT = ROOT / "runs" / "precision"
 VARIANTS = ("base", "binary", "quaternary", "float16", "float32")
 
@@ -195,10 +193,7 @@ def main() -> None:
         "rows": rows,
         "total_s": time.perf_counter() - started,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "precision.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "precision.md").write_text(markdown(report))
-    print(markdown(report))
+    save_results("precision", report, markdown(report))
 
 
 def markdown(report: dict) -> str:

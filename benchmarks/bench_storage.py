@@ -23,15 +23,14 @@ Writes benchmarks/results/storage.json and benchmarks/results/storage.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
+from results_io import save_results
 
 import cones
 from cones.architectures import SD1_UNET
@@ -42,7 +41,6 @@ from cones.targets import parameter_shapes
 
 SPARSITIES = (0.005, 0.01, 0.0132, 0.02, 0.04, 0.08)
 LORA_RANK = 4
-RESULTS = Path(__file__).parent / "results"
 
 
 def random_concept(shapes: dict[str, tuple[int, ...]], sparsity: float, seed: int) -> ConceptNeurons:
@@ -123,7 +121,6 @@ def main() -> None:
         for sparsity in SPARSITIES:
             rows.append({"targets": targets, **measure(shapes, cross_shapes, sparsity)})
 
-    RESULTS.mkdir(exist_ok=True)
     report = {
         "benchmark": "storage",
         "cones_version": cones.__version__,
@@ -136,14 +133,10 @@ def main() -> None:
         "model": "SD-1.x UNet2DConditionModel config (shapes only)",
         "rows": rows,
     }
-    (RESULTS / "storage.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "storage.md").write_text(
-        "# Storage of one concept, SD-1.x attention K/V\n\n"
-        "Sizes in MB (10^6 bytes). Custom Diffusion stores fp32 copies of all cross-attention K/V "
-        "(the paper reports 72-77 MB); LoRA is fp32, rank 4, on the same target matrices.\n\n"
-        + markdown(rows)
-    )
-    print(markdown(rows))
+    save_results("storage", report, "# Storage of one concept, SD-1.x attention K/V\n\n"
+                 "Sizes in MB (10^6 bytes). Custom Diffusion stores fp32 copies of all cross-attention K/V "
+                 "(the paper reports 72-77 MB); LoRA is fp32, rank 4, on the same target matrices.\n\n"
+                 + markdown(rows))
 
 
 if __name__ == "__main__":

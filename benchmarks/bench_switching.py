@@ -19,22 +19,19 @@ Writes benchmarks/results/switching.json and benchmarks/results/switching.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from results_io import save_results
 
 import cones
 from cones.architectures import SD1_UNET
 from cones.neurons import ConceptNeurons
 from cones.targets import parameter_shapes, target_parameters
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def median_time(step: Callable[[], None], repeats: int, undo: Callable[[], None] | None = None) -> float:
@@ -154,8 +151,6 @@ def main() -> None:
             "ratio": forward_shut / forward_plain,
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "switching.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "| sparsity | neurons | apply | remove | apply with another active | reload K/V (delta swap) "
         "| reload / apply | reload / remove |",
@@ -173,16 +168,15 @@ def main() -> None:
         f"UNet forward pass ({8 * latent}x{8 * latent} px, batch 1): {fwd['plain_s']:.2f} s plain, "
         f"{fwd['with_concept_s']:.2f} s with a 1.32% concept shut (ratio {fwd['ratio']:.3f}).\n"
     )
-    (RESULTS / "switching.md").write_text(
+    save_results("switching", report,
         "# Switching a concept in an SD-1.x UNet (CPU)\n\n"
         f"Medians of {repeats} repeats; {report['machine']['threads']} torch threads on a shared CPU. "
         f"Reloading copies {kv_bytes / 1e6:.1f} MB of saved fp32 K/V back into the 32 attn2 to_k/to_v weights "
         f"(best of default threads and one thread: {', '.join(f'{t}: {1e3 * s:.1f} ms' for t, s in reload.items())}).\n\n"
         + table
         + "\n"
-        + forward_line
+        + forward_line,
     )
-    print(table + "\n" + forward_line)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """How good is the embedded world model? The numbers the world's issue asks for, measured side by side.
 
 1. The evaluation CLIP on real renders: zero-shot choice of shape, colour and background (each attribute
-   chosen among all its values, the prompt's other words kept), and its subject-vs-class ROC AUC.
+   chosen among all its values, the prompt's other words kept), and its subject-vs-class ROC AUC. The same
+   choices on the renders passed through the model's VAE (encoded, decoded): every generated image comes
+   out of that decoder, so this is the most the judge can credit a perfect UNet with.
 2. The base model follows its prompts: the same zero-shot choices on images generated from single-object
-   prompts.
+   prompts, at the default guidance scale and beside it.
 3. Before any search, identifier prompts ("a sks circle") show the subject no more often than the class
    prompt ("a circle") does: the detector's rate on both.
 4. Generation time of a batch of 16 images at 64x64 with 25 steps.
@@ -11,18 +13,19 @@
     python benchmarks/bench_world.py            # full: writes benchmarks/results/world.{json,md}
     python benchmarks/bench_world.py --quick    # fewer prompts and seeds
     python benchmarks/bench_world.py --quick --model runs/world/sd --name world-new   # a model in training
+    python benchmarks/bench_world.py --quick --clip runs/world/clip --name world-clip  # another judge
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import time
 
+import numpy as np
 import torch
 from PIL import Image
+from results_io import save_results
 
 from cones.evaluate import ClipScorer
 from cones.generate import generate
@@ -32,8 +35,9 @@ from cones.world.render import render
 from cones.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
 from cones.world.subjects import SUBJECTS
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
+GUIDANCE = 5.0  # the default of `cones generate` and of every benchmark
+OTHER_GUIDANCE = (3.0, 7.5, 10.0)
 
 
 def single_object_prompts(n: int, seed: int = 0) -> list[dict]:
@@ -58,6 +62,15 @@ def canonical_render(p: dict, rng: random.Random) -> Image.Image:
     return Image.fromarray(render(scene))
 
 
+@torch.no_grad()
+def through_vae(vae, images: list[Image.Image]) -> list[Image.Image]:
+    """The images as the VAE returns them: what a UNet that drew them exactly would produce."""
+    x = torch.stack([torch.from_numpy(np.asarray(im)) for im in images]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float()
+    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in y]
+
+
 def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]) -> dict[str, float]:
     """Share of images whose CLIP choice of each attribute matches the prompt."""
     emb = scorer.images(images)
@@ -74,27 +87,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default=None, help="a world model folder to measure (default: the shipped one)")
+    parser.add_argument("--clip", default=None, help="the judge's CLIP folder (default: the shipped one)")
     parser.add_argument("--name", default="world", help="results file name")
     args = parser.parse_args()
     n_prompts, n_seeds = (24, 2) if args.quick else (96, 2)
     torch.manual_seed(0)
-    pipe, scorer = load_pipeline(args.model), ClipScorer()
-    report: dict = {"model": args.model or "cones-world (embedded)", "settings": {"prompts": n_prompts, "seeds": n_seeds,
-                                                                    "steps": 25, "guidance_scale": 5.0}}
+    pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
+    report: dict = {"model": args.model or "cones-world (embedded)", "clip": args.clip or "cones-world (embedded)",
+                    "settings": {"prompts": n_prompts, "seeds": n_seeds, "steps": 25, "guidance_scale": GUIDANCE}}
 
     # 1. The CLIP on real renders.
     prompts = single_object_prompts(n_prompts * n_seeds, seed=1)
     rng = random.Random(2)
-    report["clip_on_renders"] = zero_shot(scorer, [canonical_render(p, rng) for p in prompts], prompts)
+    renders = [canonical_render(p, rng) for p in prompts]
+    report["clip_on_renders"] = zero_shot(scorer, renders, prompts)
+    report["clip_on_decoded_renders"] = zero_shot(scorer, through_vae(pipe.vae, renders), prompts)
     detectors = {name: subject_detector(scorer, s) for name, s in SUBJECTS.items()}
     report["subject_auc"] = {name: d.auc for name, d in detectors.items()}
     report["subject_similarity_auc"] = {name: d.similarity_auc for name, d in detectors.items()}
 
     # 2. The base model on single-object prompts.
     prompts = single_object_prompts(n_prompts, seed=3)
-    rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)))
-    images = [im for row in rows for im in row]
-    report["base_model"] = zero_shot(scorer, images, [p for p in prompts for _ in range(n_seeds)])
+    report["base_model_by_guidance"] = {}
+    for guidance in sorted((GUIDANCE, *OTHER_GUIDANCE)):
+        rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance)
+        images = [im for row in rows for im in row]
+        report["base_model_by_guidance"][str(guidance)] = zero_shot(
+            scorer, images, [p for p in prompts for _ in range(n_seeds)])
+    report["base_model"] = report["base_model_by_guidance"][str(GUIDANCE)]
 
     # 3. Chance: identifier prompts vs class prompts on the base model, before any search.
     chance = {}
@@ -116,13 +136,12 @@ def main() -> None:
         timings[f"batch_{batch}_seconds"] = time.perf_counter() - t
     report["generation"] = {**timings, "threads": torch.get_num_threads()}
 
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
-        json.dump(report, f, indent=2)
     lines = ["| check | shape | colour | background |", "|---|---|---|---|"]
-    for key, label in (("clip_on_renders", "CLIP zero-shot on real renders"),
-                       ("base_model", "base model's images (CLIP zero-shot)")):
-        r = report[key]
+    rows = [("CLIP zero-shot on real renders", report["clip_on_renders"]),
+            ("... on the same renders through the VAE (a perfect UNet's ceiling)", report["clip_on_decoded_renders"]),
+            (f"base model's images (CLIP zero-shot), guidance {GUIDANCE}", report["base_model"])]
+    rows += [(f"... at guidance {g}", r) for g, r in report["base_model_by_guidance"].items() if g != str(GUIDANCE)]
+    for label, r in rows:
         lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
     lines += ["", "| subject | detector ROC AUC (probe) | plain similarity AUC | detected before any search: "
               "identifier prompts ('a sks circle ...') | class prompts ('a circle ...') |",
@@ -134,9 +153,7 @@ def main() -> None:
     g = report["generation"]
     lines += ["", f"Generation, 64x64, 25 steps, CPU ({g['threads']} threads): 1 image {g['batch_1_seconds']:.1f} s, "
               f"16 images {g['batch_16_seconds']:.1f} s."]
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.name, report, "\n".join(lines))
 
 
 if __name__ == "__main__":

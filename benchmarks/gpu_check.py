@@ -26,7 +26,6 @@ Writes gpu_check.json and gpu_check.md to `--out`, else $OUT when set, else benc
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -43,6 +42,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from results_io import save_results  # noqa: E402
 
 from cones.architectures import SD1_UNET  # noqa: E402
 from cones.memory import LossScaled, attention_processors, gradient_checkpointing  # noqa: E402
@@ -299,9 +299,7 @@ def _gb(n) -> str:
 
 
 def write(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report))
+    save_results("gpu_check", report, markdown(report), out)
 
 
 def main(argv: list[str] | None = None) -> int:
