@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from results_io import RESULTS, save_results
 
+from cones import GUIDANCE_SCALE
+
 ROOT = Path(__file__).resolve().parent.parent
 CONCEPT_CACHE = ROOT / "runs" / "concepts"
 CLASS_CACHE = ROOT / "runs" / "class-cache"
@@ -212,7 +214,7 @@ def main() -> None:
             "renders_per_subject": renders,
             "strengths": list(strengths),
             "sampling_steps": steps,
-            "guidance_scale": 5.0,
+            "guidance_scale": GUIDANCE_SCALE,
             "map_resolution": 64,
             "cross_attention_layers": layers,
             "measured_on": "held-out renders noised to `strength` and denoised (masks from the scene)",

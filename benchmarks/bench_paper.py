@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw
 from results_io import RESULTS, save_results
 
 import cones
-from cones import baselines
+from cones import GUIDANCE_SCALE, baselines
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer, score
 from cones.find import FindConfig
@@ -136,7 +136,7 @@ class Setting:
     cd_lr: float = 5e-4
     ti_lr: float = 5e-3
     reg_captions: int = 200  # Custom Diffusion merge: regularisation captions (its script takes 200)
-    guidance: float = 5.0
+    guidance: float = GUIDANCE_SCALE
     seed: int = 0
 
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from results_io import save_results
 
+from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
 from cones.generate import generate
 from cones.pipeline import load_pipeline
@@ -36,7 +37,6 @@ from cones.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, S
 from cones.world.subjects import SUBJECTS
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
-GUIDANCE = 5.0  # the default of `cones generate` and of every benchmark
 OTHER_GUIDANCE = (3.0, 7.5, 10.0)
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
     report: dict = {"model": args.model or "cones-world (embedded)", "clip": args.clip or "cones-world (embedded)",
-                    "settings": {"prompts": n_prompts, "seeds": n_seeds, "steps": 25, "guidance_scale": GUIDANCE}}
+                    "settings": {"prompts": n_prompts, "seeds": n_seeds, "steps": 25, "guidance_scale": GUIDANCE_SCALE}}
 
     # 1. The CLIP on real renders.
     prompts = single_object_prompts(n_prompts * n_seeds, seed=1)
@@ -109,12 +109,12 @@ def main() -> None:
     # 2. The base model on single-object prompts.
     prompts = single_object_prompts(n_prompts, seed=3)
     report["base_model_by_guidance"] = {}
-    for guidance in sorted((GUIDANCE, *OTHER_GUIDANCE)):
+    for guidance in sorted((GUIDANCE_SCALE, *OTHER_GUIDANCE)):
         rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance)
         images = [im for row in rows for im in row]
         report["base_model_by_guidance"][str(guidance)] = zero_shot(
             scorer, images, [p for p in prompts for _ in range(n_seeds)])
-    report["base_model"] = report["base_model_by_guidance"][str(GUIDANCE)]
+    report["base_model"] = report["base_model_by_guidance"][str(GUIDANCE_SCALE)]
 
     # 3. Chance: identifier prompts vs class prompts on the base model, before any search.
     chance = {}
@@ -139,8 +139,8 @@ def main() -> None:
     lines = ["| check | shape | colour | background |", "|---|---|---|---|"]
     rows = [("CLIP zero-shot on real renders", report["clip_on_renders"]),
             ("... on the same renders through the VAE (a perfect UNet's ceiling)", report["clip_on_decoded_renders"]),
-            (f"base model's images (CLIP zero-shot), guidance {GUIDANCE}", report["base_model"])]
-    rows += [(f"... at guidance {g}", r) for g, r in report["base_model_by_guidance"].items() if g != str(GUIDANCE)]
+            (f"base model's images (CLIP zero-shot), guidance {GUIDANCE_SCALE}", report["base_model"])]
+    rows += [(f"... at guidance {g}", r) for g, r in report["base_model_by_guidance"].items() if g != str(GUIDANCE_SCALE)]
     for label, r in rows:
         lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
     lines += ["", "| subject | detector ROC AUC (probe) | plain similarity AUC | detected before any search: "

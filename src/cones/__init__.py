@@ -6,3 +6,7 @@ model draw the subject; a concept is kept as integer indices, not floats.
 """
 
 __version__ = "0.1.0"
+
+# Classifier-free guidance scale of every image cones makes unless told otherwise: generation, class images
+# for prior preservation, evaluation, attention maps. One number, so that they all see the same model.
+GUIDANCE_SCALE = 5.0

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from cones import GUIDANCE_SCALE
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
@@ -345,7 +347,7 @@ def attention_maps(
     *,
     seed: int = 0,
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     resolution: Size | None = None,
     concept: ConceptNeurons | None = None,
 ) -> AttentionMaps:
@@ -431,7 +433,7 @@ def attention_maps_for_image(
     strength: float = 0.6,
     seed: int = 0,
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     resolution: Size | None = None,
     concept: ConceptNeurons | None = None,
 ) -> AttentionMaps:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from cones import GUIDANCE_SCALE
 from cones.images import model_resolution, to_tensor
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
@@ -48,7 +49,7 @@ def class_images(
     seed: int = 0,
     cache_dir: str | None = None,
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = GUIDANCE_SCALE,
 ) -> list[Image.Image]:
     """`n` images of `prompt` from the base model itself, cached under `cache_dir` when given."""
     from cones.generate import generate

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cones import GUIDANCE_SCALE
+
 
 def generate(
     pipe,
@@ -20,7 +22,7 @@ def generate(
     seeds: Sequence[int] = (0,),
     *,
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     batch_size: int = 16,
     height: int | None = None,
     width: int | None = None,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from cones import GUIDANCE_SCALE
+
 NAME = "attention"
 HELP = "draw per-token cross-attention maps, before and after shutting a concept, into one PNG"
 
@@ -29,7 +31,10 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the image (default: 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)"
+        "--guidance",
+        type=float,
+        default=GUIDANCE_SCALE,
+        help="classifier-free guidance scale (default: %(default)s)",
     )
     p.add_argument("--image", default=None, help="denoise this picture instead of generating from noise")
     p.add_argument(

@@ -22,6 +22,8 @@ import json
 import os
 import re
 
+from cones import GUIDANCE_SCALE
+
 NAME = "evaluate"
 HELP = "CLIP text and image alignment of a concept's images (generated here, or a folder of them)"
 
@@ -87,7 +89,10 @@ def add_arguments(p) -> None:
     )
     gen.add_argument("--steps", type=int, default=25, help="sampling steps (default: %(default)s)")
     gen.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance (default: %(default)s)"
+        "--guidance",
+        type=float,
+        default=GUIDANCE_SCALE,
+        help="classifier-free guidance (default: %(default)s)",
     )
     gen.add_argument(
         "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"

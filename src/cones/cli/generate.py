@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from cones import GUIDANCE_SCALE
+
 NAME = "generate"
 HELP = "generate images (optionally with concepts applied) into a folder, one PNG each plus a grid"
 
@@ -19,7 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--concept", action="append", default=[], help="a .cones file to apply; repeat for several")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
+    p.add_argument(
+        "--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale (default: %(default)s)"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="weights' precision; fp16/bf16 on a GPU (default: fp32)")

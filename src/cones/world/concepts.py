@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer, roc_auc
 from cones.images import to_tensor
 from cones.refine import SubjectData
@@ -159,7 +160,7 @@ def score_subject(
     token: str,
     seeds=range(4),
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = GUIDANCE_SCALE,
 ) -> dict:
     """Generate the subject's evaluation prompts with the pipeline as it is (concepts applied or not).
 
