@@ -65,7 +65,7 @@ def canonical_render(p: dict, rng: random.Random) -> Image.Image:
 @torch.no_grad()
 def through_vae(vae, images: list[Image.Image]) -> list[Image.Image]:
     """The images as the VAE returns them: what a UNet that drew them exactly would produce."""
-    x = torch.stack([torch.from_numpy(np.asarray(im)) for im in images]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.stack([torch.from_numpy(np.array(im)) for im in images]).permute(0, 3, 1, 2).float() / 127.5 - 1
     y = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float()
     y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in y]

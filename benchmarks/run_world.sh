@@ -8,6 +8,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+python -c "import cones, torch" 2>/dev/null && command -v cones > /dev/null || {
+  echo "run_world.sh: cones is not installed in this Python; activate its environment (. .venv/bin/activate)."
+  exit 1
+}
 LOGS=benchmarks/results/logs
 mkdir -p "$LOGS"
 step() {  # name, command...: run it, log it, say how it went and how long it took
