@@ -14,6 +14,8 @@
     python benchmarks/bench_world.py --quick    # fewer prompts and seeds
     python benchmarks/bench_world.py --quick --model runs/world/sd --name world-new   # a model in training
     python benchmarks/bench_world.py --quick --clip runs/world/clip --name world-clip  # another judge
+    python benchmarks/bench_world.py --prompts 96 --model runs/world/sd --against OLD --name world-vs-old
+        # prompt following of two models, side by side on the same prompts and seeds
 """
 
 from __future__ import annotations
@@ -89,8 +91,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a world model folder to measure (default: the shipped one)")
     parser.add_argument("--clip", default=None, help="the judge's CLIP folder (default: the shipped one)")
     parser.add_argument("--name", default="world", help="results file name")
+    parser.add_argument("--prompts", type=int, default=None, help="single-object prompts (default: 24 quick, 96)")
+    parser.add_argument("--against", default=None,
+                        help="another model folder whose prompt following is measured beside, on the same prompts")
     args = parser.parse_args()
     n_prompts, n_seeds = (24, 2) if args.quick else (96, 2)
+    n_prompts = args.prompts or n_prompts
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
     report: dict = {"model": args.model or "cones-world (embedded)", "clip": args.clip or "cones-world (embedded)",
@@ -115,6 +121,13 @@ def main() -> None:
         report["base_model_by_guidance"][str(guidance)] = zero_shot(
             scorer, images, [p for p in prompts for _ in range(n_seeds)])
     report["base_model"] = report["base_model_by_guidance"][str(GUIDANCE_SCALE)]
+    if args.against:
+        other = load_pipeline(args.against)
+        rows = generate(other, [prompt_of(p) for p in prompts], list(range(n_seeds)))
+        images = [im for row in rows for im in row]
+        report["against"] = {"model": args.against,
+                             **zero_shot(scorer, images, [p for p in prompts for _ in range(n_seeds)])}
+        del other
 
     # 3. Chance: identifier prompts vs class prompts on the base model, before any search.
     chance = {}
@@ -141,8 +154,12 @@ def main() -> None:
             ("... on the same renders through the VAE (a perfect UNet's ceiling)", report["clip_on_decoded_renders"]),
             (f"base model's images (CLIP zero-shot), guidance {GUIDANCE_SCALE}", report["base_model"])]
     rows += [(f"... at guidance {g}", r) for g, r in report["base_model_by_guidance"].items() if g != str(GUIDANCE_SCALE)]
+    if args.against:
+        rows.append((f"{args.against}, same prompts and seeds, guidance {GUIDANCE_SCALE}", report["against"]))
     for label, r in rows:
         lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
+    lines += ["", f"Generated images: {n_prompts} single-object prompts x {n_seeds} seeds per row "
+              f"(one image is {1 / (n_prompts * n_seeds):.1%} of a column)."]
     lines += ["", "| subject | detector ROC AUC (probe) | plain similarity AUC | detected before any search: "
               "identifier prompts ('a sks circle ...') | class prompts ('a circle ...') |",
               "|---|---|---|---|---|"]
