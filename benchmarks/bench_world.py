@@ -37,6 +37,7 @@ from cones.world.concepts import eval_prompts, subject_detector
 from cones.world.render import render
 from cones.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
 from cones.world.subjects import SUBJECTS
+from cones.world.train import vae_roundtrip
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
 OTHER_GUIDANCE = (3.0, 7.5, 10.0)
@@ -64,13 +65,17 @@ def canonical_render(p: dict, rng: random.Random) -> Image.Image:
     return Image.fromarray(render(scene))
 
 
-@torch.no_grad()
 def through_vae(vae, images: list[Image.Image]) -> list[Image.Image]:
     """The images as the VAE returns them: what a UNet that drew them exactly would produce."""
-    x = torch.stack([torch.from_numpy(np.array(im)) for im in images]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    y = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float()
-    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in y]
+    decoded = vae_roundtrip(vae, torch.from_numpy(np.stack([np.asarray(im) for im in images])))
+    return [Image.fromarray(a) for a in decoded.cpu().numpy()]
+
+
+def prompt_following(pipe, scorer: ClipScorer, prompts: list[dict], n_seeds: int,
+                     guidance_scale: float = GUIDANCE_SCALE) -> dict[str, float]:
+    """Zero-shot agreement of the model's images of single-object `prompts` (seeds 0..n_seeds-1)."""
+    rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance_scale)
+    return zero_shot(scorer, [im for row in rows for im in row], [p for p in prompts for _ in range(n_seeds)])
 
 
 def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]) -> dict[str, float]:
@@ -116,18 +121,11 @@ def main() -> None:
     prompts = single_object_prompts(n_prompts, seed=3)
     report["base_model_by_guidance"] = {}
     for guidance in sorted((GUIDANCE_SCALE, *OTHER_GUIDANCE)):
-        rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance)
-        images = [im for row in rows for im in row]
-        report["base_model_by_guidance"][str(guidance)] = zero_shot(
-            scorer, images, [p for p in prompts for _ in range(n_seeds)])
+        report["base_model_by_guidance"][str(guidance)] = prompt_following(pipe, scorer, prompts, n_seeds, guidance)
     report["base_model"] = report["base_model_by_guidance"][str(GUIDANCE_SCALE)]
     if args.against:
-        other = load_pipeline(args.against)
-        rows = generate(other, [prompt_of(p) for p in prompts], list(range(n_seeds)))
-        images = [im for row in rows for im in row]
         report["against"] = {"model": args.against,
-                             **zero_shot(scorer, images, [p for p in prompts for _ in range(n_seeds)])}
-        del other
+                             **prompt_following(load_pipeline(args.against), scorer, prompts, n_seeds)}
 
     # 3. Chance: identifier prompts vs class prompts on the base model, before any search.
     chance = {}

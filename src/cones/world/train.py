@@ -250,6 +250,19 @@ def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8: the inverse of `to_pixels`."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, images_u8: torch.Tensor) -> torch.Tensor:
+    """Images (B, H, W, 3) uint8 as the VAE returns them (encoded to the latent mean, decoded): what a UNet
+    that drew them exactly would produce."""
+    pixels = to_pixels(images_u8).to(vae.device, vae.dtype)
+    return to_uint8(vae.decode(vae.encode(pixels).latent_dist.mean).sample)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -333,8 +346,7 @@ def decode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
         out = []
         for i in tqdm(range(0, n, 512), desc="decode", unit="batch"):
             with autocast(cfg):
-                x = vae.decode(vae.encode(to_pixels(images[i : min(n, i + 512)])).latent_dist.mean).sample
-            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+                out.append(vae_roundtrip(vae, images[i : min(n, i + 512)]).cpu())
         return torch.cat(out)
 
     path = os.path.join(cfg.out, f"decoded-{n}-{vae_fingerprint(vae)}.pt")
@@ -538,9 +550,10 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         return report
     images = torch.from_numpy(pool["images"]).to(cfg.device)
     clip_sees_decoded = "clip" in phases and cfg.clip_decoded_share > 0
-    if cfg.init_from and ("unet" in phases or "export" in phases or clip_sees_decoded):
+    uses_vae = "unet" in phases or "export" in phases or clip_sees_decoded  # a trained VAE, not a new one
+    if cfg.init_from and uses_vae:
         vae = AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").to(cfg.device).eval()
-    elif "vae" in phases or "unet" in phases or "export" in phases or clip_sees_decoded:
+    elif "vae" in phases or uses_vae:
         t = time.time()
         vae, report["vae_log"] = train_vae(cfg, images)
         report["seconds"]["vae"] = time.time() - t
