@@ -40,7 +40,7 @@ from cones.world.subjects import SUBJECTS
 from cones.world.train import vae_roundtrip
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
-OTHER_GUIDANCE = (3.0, 7.5, 10.0)
+OTHER_GUIDANCE = tuple(g for g in (3.0, 5.0, 7.5, 10.0) if g != GUIDANCE_SCALE)
 
 
 def single_object_prompts(n: int, seed: int = 0) -> list[dict]:
