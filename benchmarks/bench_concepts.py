@@ -25,6 +25,7 @@ import time
 import torch
 from results_io import RESULTS, save_results, write_atomic
 
+from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
 from cones.find import FindConfig, _model_id, find_concept
 from cones.generate import generate, grid
@@ -72,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(), ClipScorer()
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
-                "lr": FindConfig.lr, "batch_size": FindConfig.batch_size,
+                "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
                 "model": _model_id(pipe), "detector": "linear probe"}  # resuming keeps results of equal settings
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = {"settings": settings, "subjects": {}}

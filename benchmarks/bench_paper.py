@@ -580,7 +580,7 @@ def markdown_report(report: dict) -> str:
         "CD from the identifier itself) instead of adding a token, so the tokenizer is never changed.",
         "- Several subjects: the baselines take turns over the subjects' objectives (each subject its own batch), "
         "where the original scripts mix the datasets within a batch.",
-        f"- Sampling: DPM-Solver++ at guidance {GUIDANCE_SCALE} as in the paper, with fewer steps than its 50.",
+        f"- Sampling: DPM-Solver++ at guidance {cfg['guidance']} (the paper: 7.5), with fewer steps than its 50.",
         "- Metrics: the embedded world CLIP (64x64 images, the world's vocabulary) instead of ViT-L/14; its "
         "cosines live on another scale, so compare rows, not values with the paper.",
         "",
