@@ -35,12 +35,18 @@ def test_help_lists_the_commands(capsys):
 def test_find_then_generate(tiny_pipe_path, photos, tmp_path, capsys):
     out = str(tmp_path / "dog.cones")
     assert find(["--images", photos, "--token", "sks", "--class-word", "dog", "--out", out,
-                 "--format", "json"], tiny_pipe_path, tmp_path) == 0
+                 "--class-guidance", "3", "--format", "json"], tiny_pipe_path, tmp_path) == 0
     summary = json.loads(capsys.readouterr().out)
     concept = ConceptNeurons.load(out)
     assert concept.token == "sks" and concept.class_word == "dog"
     assert summary["neurons"] == concept.num_neurons > 0
     assert concept.metadata["base_model"] == os.path.abspath(tiny_pipe_path)
+    # the file says how its prior was made: which class images, at which guidance
+    search = concept.metadata["search"]
+    assert search["class_images"] == {"source": "base model", "guidance_scale": 3.0, "steps": 25}
+    objective = search["objective"]
+    assert (objective["subject_images"], objective["class_images"]) == (3, 2)
+    assert objective["subject_prompts"] == ["a sks dog"] and objective["class_prompts"] == ["a dog"]
 
     images = str(tmp_path / "images")
     assert main(["generate", "--model", tiny_pipe_path, "--concept", out, "--seeds", "0", "1", "--steps", "2",

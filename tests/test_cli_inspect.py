@@ -24,7 +24,7 @@ def concept_file(tmp_path):
         {K: (4, 8), V: (2, 5)},
         token="sks",
         class_word="dog",
-        metadata={"search": {"steps": 7}},
+        metadata={"search": {"steps": 7, "objective": {"seed": 3, "prompts": ["a sks dog"]}}},
     )
     path = tmp_path / "dog.cones"
     concept.save(path)
@@ -37,7 +37,9 @@ def test_json_report_by_hand(concept_file, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["neurons"] == 3 and info["weights"] == 42
     assert info["sparsity"] == pytest.approx(3 / 42)
-    assert (info["token"], info["class_word"], info["metadata"]) == ("sks", "dog", {"search": {"steps": 7}})
+    assert (info["token"], info["class_word"], info["metadata"]) == (
+        "sks", "dog", {"search": {"steps": 7, "objective": {"seed": 3, "prompts": ["a sks dog"]}}}
+    )
     assert info["bytes"] == path.stat().st_size
     assert info["encoding"] == "rice" and info["format_version"] == 1
     assert info["entropy_bound_bytes"] == math.ceil(math.log2(math.comb(32, 3)) / 8)  # = 2
@@ -51,7 +53,9 @@ def test_text_report(concept_file, capsys):
     out = capsys.readouterr().out
     assert "3 of 42 target weights (sparsity 7.1429%), in 1 of 2 parameters" in out
     assert f"{path.stat().st_size:,} bytes" in out
-    assert 'search: {"steps": 7}' in out
+    # nested metadata, one leaf per line
+    assert "search.steps: 7" in out and "search.objective.seed: 3" in out
+    assert 'search.objective.prompts: ["a sks dog"]' in out
     lines = out.splitlines()
     assert any(line.split() == ["3", "32", "9.375%", K] for line in lines)
     assert any(line.split() == ["0", "10", "0.000%", V] for line in lines)

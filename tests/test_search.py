@@ -516,6 +516,29 @@ def test_checkpoint_of_another_search_or_model_is_refused(tiny_pipe, tmp_path):
         )
 
 
+
+def test_checkpoint_of_another_objective_is_refused_and_the_objective_is_recorded(tiny_pipe, tmp_path):
+    unet, path = tiny_pipe.unet, str(tmp_path / "search.safetensors")
+    kwargs = dict(steps=2, lr=1e-3, sparsity=0.05, disable=True, checkpoint_path=path)
+    first = find_concept_neurons(tiny_objective(tiny_pipe, seed=0), unet, **kwargs)
+    recorded = first.concept.metadata["search"]["objective"]
+    assert recorded == tiny_objective(tiny_pipe, seed=0).describe()
+    assert (recorded["subject_images"], recorded["class_images"], recorded["seed"]) == (3, 4, 0)
+    # wrappers that change no value of the loss describe it as the objective they wrap
+    from cones.distributed import DistributedObjective
+    from cones.memory import LossScaled
+
+    assert LossScaled(tiny_objective(tiny_pipe)).describe() == recorded
+    assert DistributedObjective(tiny_objective(tiny_pipe)).describe() == recorded
+    with pytest.raises(SearchError, match=r"another search \(objective: seed 0 vs 1\)"):
+        find_concept_neurons(tiny_objective(tiny_pipe, seed=1), unet, **kwargs)
+    other_pictures = ConceptObjective.from_pipeline(
+        tiny_pipe, images(3, seed=7), token="sks", class_word="dog", class_images=images(4, seed=2)
+    )
+    with pytest.raises(SearchError, match=r"another search \(objective: data '[0-9a-f]{16}' vs '[0-9a-f]{16}'\)"):
+        find_concept_neurons(other_pictures, unet, **kwargs)
+
+
 SCRIPT = """
 import os, sys
 import torch

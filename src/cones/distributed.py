@@ -178,6 +178,10 @@ class DistributedObjective:
         rows = objective.config.batch_size * (1 if objective.class_latents is None else 2)
         self.rows = local_rows(rows, self.rank, self.world_size)  # (n,)
 
+    def describe(self) -> dict:
+        """The whole objective's description: the global loss does not depend on the number of processes."""
+        return self.objective.describe()
+
     def loss(self, step: int) -> torch.Tensor:
         """The global L_con at `step` as value; the gradient of this process's rows."""
         local = rows_loss(self.objective, step, self.rows)

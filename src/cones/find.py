@@ -23,6 +23,9 @@ from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 
 
+CLASS_IMAGE_STEPS = 25  # sampling steps of generated class images, as for any generation
+
+
 @dataclass(frozen=True)
 class FindConfig:
     """Settings of a concept search. Each field's help is what the command line shows."""
@@ -36,6 +39,9 @@ class FindConfig:
     batch_size: int = field(default=4, metadata={"help": "subject images per step (as many class images)"})
     prior_weight: float = field(default=1.0, metadata={"help": "λ, weight of prior preservation"})
     num_class_images: int = field(default=32, metadata={"help": "class images generated for the prior"})
+    class_guidance: float = field(
+        default=GUIDANCE_SCALE, metadata={"help": "guidance scale the class images are generated at"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of batches, noise and class images"})
     templates: tuple[str, ...] = field(
         default=("a {token} {class_word}",), metadata={"help": "subject prompt templates"}
@@ -48,7 +54,7 @@ def class_images(
     n: int,
     seed: int = 0,
     cache_dir: str | None = None,
-    steps: int = 25,
+    steps: int = CLASS_IMAGE_STEPS,
     guidance_scale: float = GUIDANCE_SCALE,
 ) -> list[Image.Image]:
     """`n` images of `prompt` from the base model itself, cached under `cache_dir` when given."""
@@ -119,7 +125,8 @@ def concept_objective(
             per_prompt = max(1, cfg.num_class_images // len(prompts))
             class_pictures, class_prompt_list = [], []
             for i, prompt in enumerate(prompts):
-                made = class_images(pipe, prompt, per_prompt, seed=cfg.seed * 1000 + i, cache_dir=cache_dir)
+                made = class_images(pipe, prompt, per_prompt, seed=cfg.seed * 1000 + i, cache_dir=cache_dir,
+                                    steps=CLASS_IMAGE_STEPS, guidance_scale=cfg.class_guidance)
                 class_pictures += made
                 class_prompt_list += [prompt] * len(made)
         class_tensor = as_tensor(class_pictures)
@@ -166,7 +173,7 @@ def find_concept(
         pipe, images, token=token, class_word=class_word, config=cfg, subject_prompts=subject_prompts,
         class_prompts=class_prompts, class_pictures=class_pictures, cache_dir=cache_dir,
     )
-    return find_concept_neurons(
+    result = find_concept_neurons(
         objective,
         pipe.unet,
         method=cfg.method,
@@ -181,6 +188,14 @@ def find_concept(
         callback=callback,
         disable=disable,
     )
+    # Where the prior's images came from, next to the search settings (the objective's part lists them).
+    origin = None
+    if cfg.prior_weight > 0:
+        origin = ({"source": "given"} if class_pictures is not None else
+                  {"source": "base model", "guidance_scale": cfg.class_guidance, "steps": CLASS_IMAGE_STEPS})
+    result.settings["class_images"] = origin
+    result.concept.metadata.setdefault("search", {})["class_images"] = origin
+    return result
 
 
 def _article(word: str) -> str:

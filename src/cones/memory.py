@@ -152,6 +152,10 @@ class LossScaled:
         self.token = getattr(objective, "token", None)
         self.class_word = getattr(objective, "class_word", None)
 
+    def describe(self) -> dict | None:
+        """The wrapped objective's description (the scale changes no value the search sees)."""
+        return self.objective.describe() if hasattr(self.objective, "describe") else None
+
     def loss(self, step: int) -> torch.Tensor:
         """`objective.loss(step)`, whose backward pass is scaled by `scale`."""
         return _ScaleGradient.apply(self.objective.loss(step), self.scale)

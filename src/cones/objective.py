@@ -26,6 +26,7 @@ on the CPU and then moved, so the draw does not depend on the device.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import string
 from collections.abc import Sequence
@@ -57,7 +58,9 @@ class Objective(Protocol):
     """What the concept-neuron search needs: a differentiable scalar for each step.
 
     `loss(step)` must evaluate the UNet handed to the search (the search writes candidate weights into it)
-    and must be a deterministic function of `step` and the current weights.
+    and must be a deterministic function of `step` and the current weights. An objective may also have
+    `describe()`, a JSON-able dict of what determines it; the search then records it in the concept and
+    refuses to resume a checkpoint made with another.
     """
 
     def loss(self, step: int) -> torch.Tensor: ...
@@ -128,6 +131,18 @@ def _per_image(prompts: Sequence[str], n: int, name: str) -> list[str]:
     if len(prompts) != n:
         raise ValueError(f"`{name}` has {len(prompts)} prompts for {n} images; give one prompt per image.")
     return prompts
+
+
+def _digest(*tensors: torch.Tensor | None) -> str:
+    """A short hash of the pixels: the same pictures give the same digest on any machine."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        else:
+            h.update(b"none")
+    return h.hexdigest()[:16]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -206,6 +221,7 @@ class ConceptObjective:
                 "pass a DDPMScheduler built with `DDPMScheduler.from_config(scheduler.config)`."
             )
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self.data_digest = _digest(subject_images, class_images)
 
         # 1. Encode the images once: the VAE is frozen, so their latents never change.
         self.subject_latents = self._encode_images(vae, subject_images, "subject_images")  # (N, C, h, w)
@@ -276,6 +292,21 @@ class ConceptObjective:
             subject_prompts=subject_prompts,
             class_prompts=class_prompts,
         )
+
+    def describe(self) -> dict:
+        """What determines this loss besides the model: images (counted, and a digest of their pixels),
+        prompts, batch size, λ and seed."""
+        cfg = self.config
+        return {
+            "subject_images": len(self.subject_latents),
+            "class_images": 0 if self.class_latents is None else len(self.class_latents),
+            "subject_prompts": list(dict.fromkeys(self.subject_prompts)),
+            "class_prompts": list(dict.fromkeys(self.class_prompts)) if self.class_latents is not None else [],
+            "batch_size": cfg.batch_size,
+            "prior_weight": cfg.prior_weight,
+            "seed": cfg.seed,
+            "data": self.data_digest,
+        }
 
     @torch.no_grad()
     def _encode_images(self, vae: nn.Module | None, images: torch.Tensor, name: str) -> torch.Tensor:
@@ -392,6 +423,12 @@ class SumObjective:
         class_words = {getattr(o, "class_word", None) for o in self.objectives}
         self.token = tokens.pop() if len(tokens) == 1 else None
         self.class_word = class_words.pop() if len(class_words) == 1 else None
+
+    def describe(self) -> dict:
+        """The parts' descriptions, in order (a part without `describe` is named by its type)."""
+        return {
+            "parts": [o.describe() if hasattr(o, "describe") else {"type": type(o).__name__} for o in self.objectives]
+        }
 
     def loss(self, step: int) -> torch.Tensor:
         """Σ_i objectives[i].loss(step)."""

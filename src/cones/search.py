@@ -59,7 +59,7 @@ Optimizer = Literal["adam", "sgd"]
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the objective's description is part of the fingerprint
 _CHECKPOINT_KEY = "cones_search"  # safetensors metadata key holding the checkpoint's JSON
 
 
@@ -84,7 +84,7 @@ class SearchResult:
     # M_p per target parameter: the parameter's shape, float32 (float64 for a float64 model), on the CPU
     scores: dict[str, torch.Tensor]
     losses: list[float]  # L_con at step 0 … K−1
-    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates
+    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, objective
 
     def select(self, *, threshold: float | None = None, sparsity: float | None = None) -> ConceptNeurons:
         """Select again from the same scores with another τ or sparsity, without searching again."""
@@ -193,8 +193,9 @@ def find_concept_neurons(
         callback: called with a `SearchProgress` after every step.
         disable: hide the progress bar.
         checkpoint_path: a `.safetensors` file; written every `checkpoint_every` steps and at the end,
-            and resumed from when it exists, giving the same concept as an uninterrupted run. Settings
-            and weights are checked against it; that the objective is the same (data, seed) is not.
+            and resumed from when it exists, giving the same concept as an uninterrupted run. Settings,
+            weights and the objective's `describe()` (images, prompts, seed), when it has one, are
+            checked against it.
         checkpoint_every: steps between checkpoints.
         gradient_hook: called each step with ∇_θ L of the targets (in `named_parameters` order, the model's
             dtype) before they are checked and used; returns the gradients to use instead, same shapes. E.g.
@@ -247,6 +248,7 @@ def find_concept_neurons(
         "targets": targets if isinstance(targets, str) else list(targets),
         "candidates": num_candidates,
         "restricted": restrict_to is not None,
+        "objective": objective.describe() if hasattr(objective, "describe") else None,
     }
 
     # 3. The search state: from the checkpoint when there is one, else at step 0.
@@ -427,8 +429,23 @@ def _fingerprint(settings: dict[str, Any], theta0: dict[str, torch.Tensor]) -> d
         "lr": settings["lr"],
         "optimizer": settings["optimizer"],
         "candidates": settings["candidates"],
+        "objective": settings["objective"],
         "parameters": {name: list(t.shape) for name, t in theta0.items()},
     }
+
+
+def _difference(stored: Any, expected: Any, prefix: str = "") -> str:
+    """The first place two JSON values differ, as 'path: stored vs expected' (short enough for one line)."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        for key in list(expected) + [k for k in stored if k not in expected]:
+            if stored.get(key) != expected.get(key):
+                return _difference(stored.get(key), expected.get(key), f"{prefix}{key}.")
+    if isinstance(stored, list) and isinstance(expected, list) and len(stored) == len(expected):
+        for i, (a, b) in enumerate(zip(stored, expected)):
+            if a != b:
+                return _difference(a, b, f"{prefix}{i}.")
+    text = f"{stored!r} vs {expected!r}"
+    return (prefix.rstrip(".") + " " if prefix else "") + (text if len(text) <= 120 else "(differs)")
 
 
 def _checksums(theta0: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -478,7 +495,7 @@ def _load_checkpoint(
         expected = json.loads(json.dumps(_fingerprint(settings, theta0)))  # JSON-normalised, as stored
         for key, value in expected.items():
             if header["search"].get(key) != value:
-                shown = "(differs)" if key == "parameters" else f"{header['search'].get(key)!r} vs {value!r}"
+                shown = _difference(header["search"].get(key), value) if key != "parameters" else "(differs)"
                 raise SearchError(
                     f"`checkpoint_path` {os.fspath(path)!r} was written by another search ({key}: {shown}); "
                     "pass a new path or the same settings."

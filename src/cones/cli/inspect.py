@@ -148,6 +148,17 @@ def layer_chart(info: dict[str, Any], width: int = 760):
     return picture
 
 
+def _flatten(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metadata as one line per leaf: {"search": {"steps": 300}} -> {"search.steps": 300}."""
+    flat: dict[str, Any] = {}
+    for key, value in (meta or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _text(info: dict[str, Any]) -> str:
     if info["kind"] == "cones-values":
         lines = [
@@ -171,7 +182,7 @@ def _text(info: dict[str, Any]) -> str:
         f"neurons       {info['neurons']:,} of {info['weights']:,} target weights "
         f"(sparsity {100 * info['sparsity']:.4f}%), in {with_neurons} of {len(info['parameters'])} parameters",
     ]
-    meta = info["metadata"] or {"": None}
+    meta = _flatten(info["metadata"]) or {"": None}
     for i, (key, value) in enumerate(meta.items()):
         text = "" if key == "" else f"{key}: {json.dumps(value)}"
         lines.append(f"{'metadata' if i == 0 else '':<14}{text}")
