@@ -395,6 +395,8 @@ INFO_PATHS = [
 
 
 def check_damaged(data):
+    # The time limit only catches a hang or a huge allocation (a parse takes milliseconds); it is generous so
+    # that a busy machine cannot fail it.
     start = time.perf_counter()
     try:
         concept = concept_from_bytes(data)
@@ -402,17 +404,17 @@ def check_damaged(data):
         assert "\n" not in str(e)
     else:
         assert isinstance(concept, ConceptNeurons)  # damage that left a valid file, e.g. in the token
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5.0
 
 
-@settings(max_examples=1500, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
 @given(damaged_files())
 def test_damaged_files_end_in_concept_file_error(data):
     check_damaged(data)
 
 
 @pytest.mark.slow
-@settings(max_examples=20_000, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20_000, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
 @given(damaged_files())
 def test_damaged_files_end_in_concept_file_error_long(data):
     check_damaged(data)
