@@ -53,8 +53,8 @@ def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150,
 
     subject = CATALOGUE[subject_name]
     config = FindConfig(steps=steps, seed=seed)
-    key = hashlib.sha256(  # the guidance scale too: the class images, and so the concept, depend on it
-        json.dumps([_model_id(pipe), subject_name, token, repr(config), GUIDANCE_SCALE]).encode()
+    key = hashlib.sha256(  # the config holds the class images' guidance, on which the concept depends
+        json.dumps([_model_id(pipe), subject_name, token, repr(config)]).encode()
     ).hexdigest()[:12]
     path = CONCEPT_CACHE / f"{subject_name}-{token}-{steps}-{key}.cones"
     if path.exists():

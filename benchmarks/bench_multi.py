@@ -57,7 +57,6 @@ from PIL import Image
 from results_io import RESULTS, save_results
 
 import cones
-from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifiers, text_alignment
 from cones.find import FindConfig, find_concept
 from cones.generate import generate
@@ -145,9 +144,8 @@ def log(message: str) -> None:
 
 
 def fingerprint(*parts) -> str:
-    """A cache key of `parts` and the guidance scale the class images (and so the concepts) were made at."""
-    key = json.dumps([GUIDANCE_SCALE, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    """A cache key of `parts` (each key's parts include the FindConfig, and with it the class images' guidance)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def model_fingerprint(pipe) -> str:
