@@ -22,7 +22,6 @@ from cones.images import model_resolution, to_tensor
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 
-
 CLASS_IMAGE_STEPS = 25  # sampling steps of generated class images, as for any generation
 
 

@@ -441,7 +441,7 @@ def _difference(stored: Any, expected: Any, prefix: str = "") -> str:
             if stored.get(key) != expected.get(key):
                 return _difference(stored.get(key), expected.get(key), f"{prefix}{key}.")
     if isinstance(stored, list) and isinstance(expected, list) and len(stored) == len(expected):
-        for i, (a, b) in enumerate(zip(stored, expected)):
+        for i, (a, b) in enumerate(zip(stored, expected, strict=True)):
             if a != b:
                 return _difference(a, b, f"{prefix}{i}.")
     text = f"{stored!r} vs {expected!r}"
