@@ -58,6 +58,17 @@ def test_find_then_generate(tiny_pipe_path, photos, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_find_resuming_another_search_is_one_clear_line(tiny_pipe_path, photos, tmp_path, capsys):
+    checkpoint = str(tmp_path / "search.safetensors")
+    args = ["--images", photos, "--token", "sks", "--class-word", "dog", "--checkpoint", checkpoint]
+    assert find([*args, "--out", str(tmp_path / "a.cones")], tiny_pipe_path, tmp_path) == 0
+    capsys.readouterr()
+    assert find([*args, "--out", str(tmp_path / "b.cones"), "--seed", "1"], tiny_pipe_path, tmp_path) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "another search" in err and "pass a new path or the same settings" in err
+    assert not (tmp_path / "b.cones").exists()
+
+
 def test_find_refuses_to_overwrite_before_searching(tiny_pipe_path, photos, tmp_path, capsys):
     out = tmp_path / "dog.cones"
     out.write_bytes(b"precious")

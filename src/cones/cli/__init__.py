@@ -77,11 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cones: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileExistsError, FileNotFoundError, OSError) as e:
-        if debug:
+    except Exception as e:
+        if debug or not _is_user_error(e):
             raise
         print(f"cones {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Errors whose one-line message tells the user what to change (bad input, a search that cannot go on).
+
+    A `SearchError` can only come from a search that was imported, so its module is looked up, not imported.
+    """
+    kinds: tuple[type[Exception], ...] = (UsageError, ValueError, FileExistsError, FileNotFoundError, OSError)
+    search = sys.modules.get("cones.search")
+    if search is not None:
+        kinds += (search.SearchError,)
+    return isinstance(error, kinds)
 
 
 if __name__ == "__main__":
