@@ -53,5 +53,6 @@ for path in sorted(glob.glob(f"{work}/report-*.json")):
 PY
 (cd "$WORK" && tar -cf /tmp/world-weights.tar sd clip report-*.json)
 split -b 15m -d /tmp/world-weights.tar "$OUT/weights.tar.part"
+(cd "$OUT" && tar -czf logs.tar.gz unet.log clip.log && rm unet.log clip.log)  # $OUT brings back 8 files at most
 ls -la "$OUT"
 echo "done in $(( $(date +%s) - start )) s"
