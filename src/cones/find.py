@@ -19,6 +19,7 @@ from PIL import Image
 
 from cones import GUIDANCE_SCALE
 from cones.images import model_resolution, to_tensor
+from cones.memory import LossScaled, default_loss_scale
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 
@@ -42,6 +43,11 @@ class FindConfig:
         default=GUIDANCE_SCALE, metadata={"help": "guidance scale the class images are generated at"}
     )
     seed: int = field(default=0, metadata={"help": "seed of batches, noise and class images"})
+    loss_scale: float | None = field(
+        default=None,
+        metadata={"help": "multiply the backward pass by this and divide it out in float32, so that small "
+                          "float16 gradients keep their bits (None: 1024 for a float16 UNet, else 1 = none)"},
+    )
     templates: tuple[str, ...] = field(
         default=("a {token} {class_word}",), metadata={"help": "subject prompt templates"}
     )
@@ -172,6 +178,11 @@ def find_concept(
         pipe, images, token=token, class_word=class_word, config=cfg, subject_prompts=subject_prompts,
         class_prompts=class_prompts, class_pictures=class_pictures, cache_dir=cache_dir,
     )
+    # The scale changes no value the search sees (exactly so in float32), like the dtype, so the file does
+    # not record it: a concept is the same file whichever precision found it.
+    loss_scale = default_loss_scale(pipe.unet.dtype, cfg.loss_scale)
+    if loss_scale != 1.0:
+        objective = LossScaled(objective, loss_scale)
     result = find_concept_neurons(
         objective,
         pipe.unet,
@@ -186,6 +197,7 @@ def find_concept(
         checkpoint_path=checkpoint_path,
         callback=callback,
         disable=disable,
+        gradient_hook=objective.unscale if loss_scale != 1.0 else None,
     )
     # Where the prior's images came from, next to the search settings (the objective's part lists them).
     origin = None

@@ -18,7 +18,9 @@ Three knobs; the defaults (float32, no checkpointing) are the exact ones.
      K/V gradients are below 6.1e-5 (median 7e-6), 1.6% with the loss scaled by 1024 (`benchmarks/gpu_check.py`
      measures it at 64x64). `LossScaled` multiplies the backward pass by a constant and divides it out again
      in float32 (pass its `unscale` as the search's `gradient_hook`); bfloat16 has float32's range and needs
-     none.
+     none. `find_concept` scales by 1024 whenever the UNet is float16 (`default_loss_scale`): on an H100,
+     at 512x512, 97.8% of the full-size UNet's K/V gradients fell below 6.1e-5 and 13.9% to exactly zero
+     without it, 7.5% and 0.004% with it (`benchmarks/results/gpu_check.md`).
 
    A concept is stored as indices (`cones.storage`), so the same selection gives the same `.cones` file
    byte for byte whichever dtype found it, and applies to a model of any dtype.
@@ -52,6 +54,7 @@ from cones.search import SearchError
 __all__ = [
     "DTYPES",
     "LossScaled",
+    "default_loss_scale",
     "attention_processors",
     "gradient_checkpointing",
     "memory_settings",
@@ -131,6 +134,16 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad * ctx.scale, None
+
+
+def default_loss_scale(dtype: torch.dtype, requested: float | None = None) -> float:
+    """The loss scale a search in `dtype` should use: `requested` if given, else 1024 for float16 (whose
+    range loses most K/V gradients of a real UNet, see above) and 1 (none) for float32 and bfloat16."""
+    if requested is not None:
+        if not (requested > 0 and math.isfinite(requested)):
+            raise ValueError(f"the loss scale must be a finite number > 0, got {requested}; e.g. 1024, or 1 for none.")
+        return float(requested)
+    return 1024.0 if dtype == torch.float16 else 1.0
 
 
 class LossScaled:
