@@ -199,6 +199,21 @@ def test_subject_concepts_in_one_process(tiny_pipe_path, tmp_path):
         find_subject_concepts(pipe, subjects, out, mode="ranks", steps=2, sparsity=0.02)
 
 
+def test_float16_subject_concepts_are_loss_scaled(tiny_pipe_path, tmp_path, monkeypatch):
+    from cones.memory import LossScaled
+
+    seen = []  # scales the gradients were divided by: the search's hook went through LossScaled
+    unscale = LossScaled.unscale
+    monkeypatch.setattr(LossScaled, "unscale", lambda self, grads: seen.append(self.scale) or unscale(self, grads))
+    subjects = read_subjects(write_subjects(str(tmp_path / "subjects")))[:1]
+    half = load_pipeline(tiny_pipe_path, dtype=torch.float16)
+    find_subject_concepts(half, subjects, str(tmp_path / "a"), steps=2, sparsity=0.02)
+    assert seen == [1024.0, 1024.0]
+    find_subject_concepts(half, subjects, str(tmp_path / "b"), steps=2, sparsity=0.02, loss_scale=1.0)
+    find_subject_concepts(load_pipeline(tiny_pipe_path), subjects, str(tmp_path / "c"), steps=2, sparsity=0.02)
+    assert seen == [1024.0, 1024.0]  # none asked for, and none for float32
+
+
 def test_entry_point_in_one_process(tiny_pipe_path, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     subjects = write_subjects(str(tmp_path / "subjects"))

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cones.memory import LossScaled, default_loss_scale
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 from cones.targets import Targets
@@ -319,6 +320,7 @@ def find_subject_concepts(
     threshold: float | None = None,
     sparsity: float | None = None,
     targets: Targets = "cross",
+    loss_scale: float | None = None,
     overwrite: bool = False,
     group: dist.ProcessGroup | None = None,
     disable: bool = True,
@@ -335,6 +337,8 @@ def find_subject_concepts(
             `"batch"`: all processes search every subject together, each computing part of the batch.
         config: the objective's settings (templates, batch size, λ, seed); the same on every process.
         steps, lr, threshold, sparsity, targets: as in `cones.search.find_concept_neurons` (Algorithm A2).
+        loss_scale: as `FindConfig.loss_scale` (None: 1024 for a float16 UNet, else none); the gradients
+            are summed over processes, then unscaled.
         overwrite: search subjects whose file exists again and replace the file.
         group: the process group (default: the global one, or none when not distributed).
         disable: hide the progress bars (they are shown on rank 0 at most).
@@ -346,6 +350,7 @@ def find_subject_concepts(
     os.makedirs(out_dir, exist_ok=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     mine = shard(subjects, rank, world_size) if mode == "subjects" else list(subjects)
+    scale = default_loss_scale(pipe.unet.dtype, loss_scale)
     written = []
     for subject in mine:
         path = os.path.join(os.fspath(out_dir), f"{subject.name}.cones")
@@ -362,8 +367,13 @@ def find_subject_concepts(
         )
         # 2. The search: alone, or this process's rows with the gradients summed over processes.
         shared = mode == "batch" and world_size > 1
+        searched = DistributedObjective(objective, group) if shared else objective
+        hooks = [lambda g: allreduce_gradients(g, group)] if shared else []
+        if scale != 1.0:  # sum the scaled gradients, then unscale: an overflow anywhere stops every process
+            searched = LossScaled(searched, scale)
+            hooks.append(searched.unscale)
         result = find_concept_neurons(
-            DistributedObjective(objective, group) if shared else objective,
+            searched,
             pipe.unet,
             steps=steps,
             lr=lr,
@@ -371,7 +381,7 @@ def find_subject_concepts(
             sparsity=sparsity,
             targets=targets,
             disable=disable or rank != 0,
-            gradient_hook=(lambda g: allreduce_gradients(g, group)) if shared else None,
+            gradient_hook=_chain(hooks),
         )
         if on_result is not None:
             on_result(subject, result)
@@ -382,6 +392,19 @@ def find_subject_concepts(
     if world_size > 1:
         dist.barrier(group=group)
     return written
+
+
+def _chain(hooks: list[Callable]) -> Callable | None:
+    """One gradient hook that applies `hooks` in order (None for none)."""
+    if not hooks:
+        return None
+
+    def chained(grads):
+        for hook in hooks:
+            grads = hook(grads)
+        return grads
+
+    return chained
 
 
 # -- python -m cones.distributed ------------------------------------------------------------------------
@@ -416,6 +439,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-weight", type=float, default=1.0, help="λ of the prior-preservation term")
     p.add_argument("--seed", type=int, default=0, help="seed of batches, timesteps and noise")
     p.add_argument("--dtype", default="float32", help="weights: float32, float16 or bfloat16")
+    p.add_argument("--loss-scale", type=float, default=None,
+                   help="scale of the backward pass (default: 1024 for float16, else none)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="search again subjects whose .cones exists")
@@ -465,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threshold=args.threshold,
             sparsity=args.sparsity,
             targets=args.targets,
+            loss_scale=args.loss_scale,
             overwrite=args.overwrite,
             disable=False,
             on_result=record,
