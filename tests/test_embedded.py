@@ -3,6 +3,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,15 @@ def test_the_probe_finds_the_one_direction_that_separates_two_classes():
         return ((x - mean) / scale) @ weight + bias
 
     assert roc_auc(logit(sample(200, 1.0)).numpy(), logit(sample(200, 0.0)).numpy()) > 0.95
+
+
+def test_the_threshold_splits_two_separated_sets_in_the_middle_of_their_gap():
+    from cones.world.concepts import best_threshold
+
+    assert best_threshold(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.5
+    assert best_threshold(np.array([0.0, 1.0, 3.0]), np.array([-1.0])) == -0.5  # everything above a lone negative
+    # Overlapping sets: the split with the best balanced accuracy (here 5/6), halfway between two scores.
+    assert best_threshold(np.array([1.5, 2.0, 3.0]), np.array([0.0, 1.0, 2.5])) == 1.25
 
 
 def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():

@@ -125,8 +125,11 @@ def fit_probe(
 
 
 def best_threshold(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """The score threshold with the best balanced accuracy between the two sets."""
-    candidates = np.sort(np.concatenate([positives, negatives]))
+    """The score threshold with the best balanced accuracy between the two sets (a score above it is a
+    positive). Candidates lie halfway between neighbouring scores, so that two separated sets are split in
+    the middle of their gap, not at the top negative score, which new negatives would exceed half the time."""
+    scores = np.unique(np.concatenate([positives, negatives]))
+    candidates = np.concatenate([scores[:1] - 1.0, (scores[:-1] + scores[1:]) / 2])
     accuracy = [((positives > t).mean() + (negatives <= t).mean()) / 2 for t in candidates]
     return float(candidates[int(np.argmax(accuracy))])
 
