@@ -479,9 +479,9 @@ def markdown_report(report: dict) -> str:
     lines = [
         f"# The paper's comparison on the embedded world model ({cfg['name']} setting)",
         "",
-        "Tables 1 and 2 of the paper, measured on the embedded world model (64x64 images, a small undertrained "
-        "UNet that draws colours and backgrounds well and shapes soft-edged and often wrong; world.md measures how "
-        "often) with the embedded world CLIP. All methods "
+        "Tables 1 and 2 of the paper, measured on the embedded world model (64x64 images, a small UNet that "
+        "draws the shape, colour and background asked for in about nine images of ten, soft-edged; world.md "
+        "measures how often) with the embedded world CLIP. All methods "
         "train on the same reference renders, class images, identifiers and concept-implanting loss. The paper's "
         "numbers (Stable Diffusion 1.4, CLIP ViT-L/14) are shown next to ours for orientation only: the models, "
         "subjects and CLIP differ, so only the ordering within a column can be compared, not the values.",
