@@ -24,6 +24,7 @@ step() {  # name, command...: run it, log it, say how it went and how long it to
   step world python benchmarks/bench_world.py --quick
   step concepts python benchmarks/bench_concepts.py --steps 150 --sparsity 0.01 0.05 --seeds 2
   step precision python benchmarks/bench_precision.py --quick
+  step ingredients python benchmarks/bench_ingredients.py
 ) &
 (
   step demo cones demo --out runs/demo --overwrite
