@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cones.memory import LossScaled, default_loss_scale
+from cones.memory import loss_scaled
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 from cones.targets import Targets
@@ -350,7 +350,6 @@ def find_subject_concepts(
     os.makedirs(out_dir, exist_ok=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     mine = shard(subjects, rank, world_size) if mode == "subjects" else list(subjects)
-    scale = default_loss_scale(pipe.unet.dtype, loss_scale)
     written = []
     for subject in mine:
         path = os.path.join(os.fspath(out_dir), f"{subject.name}.cones")
@@ -367,11 +366,12 @@ def find_subject_concepts(
         )
         # 2. The search: alone, or this process's rows with the gradients summed over processes.
         shared = mode == "batch" and world_size > 1
-        searched = DistributedObjective(objective, group) if shared else objective
+        searched, unscale = loss_scaled(
+            DistributedObjective(objective, group) if shared else objective, pipe.unet.dtype, loss_scale
+        )
+        # Sum the scaled gradients, then unscale: an overflow anywhere stops every process.
         hooks = [lambda g: allreduce_gradients(g, group)] if shared else []
-        if scale != 1.0:  # sum the scaled gradients, then unscale: an overflow anywhere stops every process
-            searched = LossScaled(searched, scale)
-            hooks.append(searched.unscale)
+        hooks += [unscale] if unscale else []
         result = find_concept_neurons(
             searched,
             pipe.unet,

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cones import GUIDANCE_SCALE
 from cones.images import model_resolution, to_tensor
-from cones.memory import LossScaled, default_loss_scale
+from cones.memory import loss_scaled
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 
@@ -180,9 +180,7 @@ def find_concept(
     )
     # The scale changes no value the search sees (exactly so in float32), like the dtype, so the file does
     # not record it: a concept is the same file whichever precision found it.
-    loss_scale = default_loss_scale(pipe.unet.dtype, cfg.loss_scale)
-    if loss_scale != 1.0:
-        objective = LossScaled(objective, loss_scale)
+    objective, unscale = loss_scaled(objective, pipe.unet.dtype, cfg.loss_scale)
     result = find_concept_neurons(
         objective,
         pipe.unet,
@@ -197,7 +195,7 @@ def find_concept(
         checkpoint_path=checkpoint_path,
         callback=callback,
         disable=disable,
-        gradient_hook=objective.unscale if loss_scale != 1.0 else None,
+        gradient_hook=unscale,
     )
     # Where the prior's images came from, next to the search settings (the objective's part lists them).
     origin = None

@@ -55,6 +55,7 @@ __all__ = [
     "DTYPES",
     "LossScaled",
     "default_loss_scale",
+    "loss_scaled",
     "attention_processors",
     "gradient_checkpointing",
     "memory_settings",
@@ -144,6 +145,16 @@ def default_loss_scale(dtype: torch.dtype, requested: float | None = None) -> fl
             raise ValueError(f"the loss scale must be a finite number > 0, got {requested}; e.g. 1024, or 1 for none.")
         return float(requested)
     return 1024.0 if dtype == torch.float16 else 1.0
+
+
+def loss_scaled(objective: Objective, dtype: torch.dtype, requested: float | None = None):
+    """`objective` as a search in `dtype` should see it, and the gradient hook that goes with it: wrapped in
+    `LossScaled` with its `unscale` when `default_loss_scale` asks for a scale, else unchanged and None."""
+    scale = default_loss_scale(dtype, requested)
+    if scale == 1.0:
+        return objective, None
+    scaled = LossScaled(objective, scale)
+    return scaled, scaled.unscale
 
 
 class LossScaled:

@@ -29,8 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--token", default="sks", help="identifier token (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="search steps (default: FindConfig's)")
     # Denser than FindConfig's 1% (the paper's SD 1.4 figure): on the embedded model the smiling star is
-    # generated in 67-75% of images with 5% of cross-attention K/V shut and in 8-25% with 1%
-    # (benchmarks/results/concepts.md, concepts-300-more-a.md), while its class prompts move less than a new seed.
+    # detected in 42-75% of images with 5% of cross-attention K/V shut and in 17-25% with 1% (this demo;
+    # benchmarks/results/concepts.md, concepts-300-more-a.md).
     p.add_argument("--sparsity", type=float, default=0.05, help="share of K/V weights to shut (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
