@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from transformers import CLIPTokenizer
 
 from cones import world
 
@@ -73,6 +74,29 @@ def test_training_code_runs_every_phase_and_exports(tmp_path):
     train(cfg, ("export",))
     exported = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd")).unet.state_dict()
     assert all(torch.equal(first[k], exported[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
+    """Stable Diffusion's recipe: the text encoder is a CLIP's text tower, kept fixed; its tokenizer comes
+    with it, cut to the diffusion model's length, and the exported pipeline holds both."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from cones.world import models
+    from cones.world.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, unet_steps=2, unet_batch=4,
+                      init_from=world.model_path(), text_encoder_from=world.clip_path(), checkpoint_every=1)
+    train(cfg, ("unet",))
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd"))
+    tower = CLIPTextModel.from_pretrained(world.clip_path(), torch_dtype=torch.float32).state_dict()
+    exported = pipe.text_encoder.float().state_dict()
+    assert all(torch.equal(tower[k].half().float(), exported[k]) for k in tower)  # frozen (shipped in fp16)
+    assert pipe.tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(world.clip_path()).get_vocab()
+    assert pipe.tokenizer.model_max_length == models.MAX_TOKENS
+    shipped = StableDiffusionPipeline.from_pretrained(world.model_path()).unet.state_dict()
+    assert not all(torch.equal(shipped[k], v) for k, v in pipe.unet.state_dict().items())  # the UNet learned
 
 
 def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):

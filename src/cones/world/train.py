@@ -14,6 +14,7 @@ run in a second process at the same time (`--phases clip`).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -78,6 +79,17 @@ class TrainConfig:
         default="",
         metadata={"help": "exported SD folder to continue from: its VAE is kept, its UNet and text encoder trained on"},
     )
+    text_encoder_from: str = field(
+        default="",
+        metadata={"help": "a CLIP folder whose text tower and tokenizer become the text encoder, kept frozen, "
+                          "as Stable Diffusion takes CLIP's: the UNet's cross-attention then learns to read words "
+                          "that stay apart"},
+    )
+    freeze_text_encoder: bool = field(
+        default=False,
+        metadata={"help": "keep the text encoder as it is (1/0); always so with --text-encoder-from. Trained "
+                          "jointly with the UNet, a small encoder folds every word into the end of the prompt"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,19 +137,22 @@ def render_pool(cfg: TrainConfig) -> dict:
     return pool
 
 
-def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None = None):
+def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None = None,
+                     text_encoder_from: str | None = None):
     """The diffusion model's tokenizer (caption words) and the evaluation CLIP's (every detail word).
 
     A model that is continued keeps its own vocabulary files (`sd_from`: a pipeline folder, `clip_from`: a
-    CLIP folder): building them anew could number the same words differently."""
+    CLIP folder): building them anew could number the same words differently. A text encoder taken from a
+    CLIP (`text_encoder_from`) comes with that CLIP's tokenizer, cut to the diffusion model's length."""
     made = []
+    sd_source = text_encoder_from or (sd_from and os.path.join(sd_from, "tokenizer"))
     for name, words, length, source in (
-        ("tokenizer", caption_words(), models.MAX_TOKENS, sd_from and os.path.join(sd_from, "tokenizer")),
+        ("tokenizer", caption_words(), models.MAX_TOKENS, sd_source),
         ("clip_tokenizer", detailed_words(), models.CLIP_MAX_TOKENS, clip_from),
     ):
         path = os.path.join(out, name)
         if not os.path.exists(os.path.join(path, "tokenizer.json")) and source:
-            CLIPTokenizer.from_pretrained(source).save_pretrained(path)
+            CLIPTokenizer.from_pretrained(source, model_max_length=length).save_pretrained(path)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             made.append(CLIPTokenizer.from_pretrained(path))
         else:
@@ -353,24 +368,36 @@ def decode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
     return cached(path, compute).to(cfg.device)
 
 
+def text_encoder_for(cfg: TrainConfig, tokenizer) -> CLIPTextModel:
+    """The text encoder a UNet phase starts from: a CLIP's text tower, the continued pipeline's, or a new one."""
+    if cfg.text_encoder_from:
+        return CLIPTextModel.from_pretrained(cfg.text_encoder_from, torch_dtype=torch.float32)
+    if cfg.init_from:
+        return CLIPTextModel.from_pretrained(cfg.init_from, subfolder="text_encoder", torch_dtype=torch.float32)
+    return models.build_text_encoder(tokenizer)
+
+
+def freezes_text_encoder(cfg: TrainConfig) -> bool:
+    return bool(cfg.freeze_text_encoder or cfg.text_encoder_from)
+
+
 def train_unet(
     cfg: TrainConfig, latents: torch.Tensor, caption_ids: torch.Tensor, empty_ids: torch.Tensor, tokenizer
 ):
-    """UNet and text encoder together, epsilon prediction, min-SNR weighting, EMA of both."""
+    """UNet and (unless frozen) text encoder together, epsilon prediction, min-SNR weighting, EMA of both."""
     torch.manual_seed(cfg.seed + 1)
     unet = models.build_unet().to(cfg.device)
-    text_encoder = models.build_text_encoder(tokenizer).to(cfg.device)
+    text_encoder = text_encoder_for(cfg, tokenizer).to(cfg.device)
     if cfg.init_from:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_from, subfolder="unet").state_dict())
-        text_encoder.load_state_dict(
-            CLIPTextModel.from_pretrained(cfg.init_from, subfolder="text_encoder").state_dict())
+    frozen = freezes_text_encoder(cfg)
+    text_encoder.requires_grad_(not frozen)
     ema_unet = models.build_unet().to(cfg.device)
-    ema_text = models.build_text_encoder(tokenizer).to(cfg.device)
+    ema_text = copy.deepcopy(text_encoder)
     ema_unet.load_state_dict(unet.state_dict())
-    ema_text.load_state_dict(text_encoder.state_dict())
     for m in (ema_unet, ema_text):
         m.requires_grad_(False)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     scheduler = models.build_train_scheduler()
     alphas = scheduler.alphas_cumprod.to(cfg.device)
@@ -405,8 +432,9 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=gen, device=cfg.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=cfg.device)
         xt = scheduler.add_noise(x0, noise, t)
-        with autocast(cfg):
+        with autocast(cfg), torch.set_grad_enabled(not frozen):
             cond = text_encoder(ids)[0]  # (B, T, D)
+        with autocast(cfg):
             pred = unet(xt, t, cond).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
@@ -543,7 +571,7 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         torch.backends.cudnn.allow_tf32 = True
     report: dict = {"config": asdict(cfg), "seconds": {}}
     t0 = time.time()
-    sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out, cfg.init_from, cfg.clip_init_from)
+    sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out, cfg.init_from, cfg.clip_init_from, cfg.text_encoder_from)
     pool = render_pool(cfg)
     report["seconds"]["render"] = time.time() - t0
     if phases == ("pool",):
@@ -573,7 +601,7 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
                 f"no UNet checkpoint to export in {cfg.out}: give the --out of a run that trained the unet phase."
             )
         state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
-        unet, text_encoder = models.build_unet(), models.build_text_encoder(sd_tokenizer)
+        unet, text_encoder = models.build_unet(), text_encoder_for(cfg, sd_tokenizer)
         unet.load_state_dict(state["modules"]["ema_unet"])
         text_encoder.load_state_dict(state["modules"]["ema_text"])
         report["unet_log"], report["unet_step"] = state["log"], state["step"]
@@ -612,7 +640,8 @@ def from_arguments(args: argparse.Namespace) -> tuple[TrainConfig, tuple[str, ..
     """The config and the phases named by parsed flags."""
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     values["phase_seconds"] = json.loads(args.phase_seconds)
-    values["mixed_precision"] = bool(values["mixed_precision"])
+    for flag in ("mixed_precision", "freeze_text_encoder"):
+        values[flag] = bool(values[flag])
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
     return TrainConfig(**values), phases
 
