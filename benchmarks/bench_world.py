@@ -80,14 +80,39 @@ def prompt_following(pipe, scorer: ClipScorer, prompts: list[dict], n_seeds: int
 
 def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]) -> dict[str, float]:
     """Share of images whose CLIP choice of each attribute matches the prompt."""
+    hits = zero_shot_hits(scorer, images, prompts)
+    return {a: float(np.mean(h)) for a, h in hits.items()}
+
+
+def zero_shot_hits(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]) -> dict[str, list[bool]]:
+    """Per image and attribute, whether the CLIP's choice among all the attribute's values (the prompt's other
+    words kept) is the prompt's."""
     emb = scorer.images(images)
-    hits = {a: 0 for a in ATTRIBUTES}
+    hits: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
     for i, p in enumerate(prompts):
         for attr, values in ATTRIBUTES.items():
             texts = [prompt_of({**p, attr: v}) for v in values]
-            choice = values[int((scorer.texts(texts) @ emb[i]).argmax())]
-            hits[attr] += choice == p[attr]
-    return {a: hits[a] / len(prompts) for a in ATTRIBUTES}
+            hits[attr].append(values[int((scorer.texts(texts) @ emb[i]).argmax())] == p[attr])
+    return hits
+
+
+def judge_on_many_renders(scorer: ClipScorer, n: int, seed: int = 11) -> dict:
+    """The judge's shape choice on `n` renders, overall and split where it fails most: a white object on the
+    white background (7 grey levels apart, drawn only by its antialiased edge) against every other pair."""
+    prompts = single_object_prompts(n, seed=seed)
+    rng = random.Random(seed + 1)
+    hits = np.array(zero_shot_hits(scorer, [canonical_render(p, rng) for p in prompts], prompts)["shape"])
+    white = np.array([p["colour"] == "white" and p["background"] == "white" for p in prompts])
+    errors: dict[str, int] = {}
+    for p, hit in zip(prompts, hits, strict=True):
+        if not hit:
+            key = f"{p['size']} {p['shape']}" + (" (white on white)" if p["colour"] == p["background"] else "")
+            errors[key] = errors.get(key, 0) + 1
+    return {"renders": n, "seed": seed, "shape": float(hits.mean()),
+            "white_on_white": {"renders": int(white.sum()), "shape": float(hits[white].mean())},
+            "other_pairs": {"renders": int((~white).sum()), "shape": float(hits[~white].mean())},
+            "errors_on_white_on_white": int((~hits & white).sum()), "errors": int((~hits).sum()),
+            "most_common_errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:6])}
 
 
 def main() -> None:
@@ -113,6 +138,7 @@ def main() -> None:
     renders = [canonical_render(p, rng) for p in prompts]
     report["clip_on_renders"] = zero_shot(scorer, renders, prompts)
     report["clip_on_decoded_renders"] = zero_shot(scorer, through_vae(pipe.vae, renders), prompts)
+    report["clip_on_many_renders"] = judge_on_many_renders(scorer, 3000)
     detectors = {name: subject_detector(scorer, s) for name, s in SUBJECTS.items()}
     report["subject_auc"] = {name: d.auc for name, d in detectors.items()}
     report["subject_similarity_auc"] = {name: d.similarity_auc for name, d in detectors.items()}
@@ -156,6 +182,12 @@ def main() -> None:
         rows.append((f"{args.against}, same prompts and seeds, guidance {GUIDANCE_SCALE}", report["against"]))
     for label, r in rows:
         lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
+    m = report["clip_on_many_renders"]
+    lines += ["", f"The judge's shape choice on {m['renders']} more renders (seed {m['seed']}): {m['shape']:.1%}; "
+              f"{m['errors_on_white_on_white']} of its {m['errors']} errors are on the {m['white_on_white']['renders']} "
+              f"white objects on the white background ({m['white_on_white']['shape']:.0%} right there), "
+              f"{m['other_pairs']['shape']:.1%} on every other pair. Most common errors: "
+              + ", ".join(f"{k} {v}" for k, v in m["most_common_errors"].items()) + "."]
     lines += ["", f"Generated images: {n_prompts} single-object prompts x {n_seeds} seeds per row "
               f"(one image is {1 / (n_prompts * n_seeds):.1%} of a column)."]
     lines += ["", "| subject | detector ROC AUC (probe) | plain similarity AUC | detected before any search: "
