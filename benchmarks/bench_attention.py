@@ -93,6 +93,48 @@ def scores(maps, words: dict[str, str], mask: np.ndarray) -> dict[str, float]:
     return out
 
 
+def position_lifts(maps, mask: np.ndarray) -> dict[str, float]:
+    """Lift of the text positions' raw maps: each prompt word's, the end marker's and all padding's together.
+    Where the words' lifts are all alike and the end marker's differs, the model reads the object from the
+    end of the prompt, not from its words."""
+    from cones.attention import attention_share
+
+    area = float(mask.mean())
+    n = len(maps.tokens)
+    probs = maps.probabilities
+    out = {f"word{i}:{w}": attention_share(probs[1 + i], mask) / area for i, w in enumerate(maps.tokens)}
+    out["end"] = attention_share(probs[1 + n], mask) / area
+    if probs.shape[0] > 2 + n:
+        out["padding"] = attention_share(probs[2 + n :].sum(0), mask) / area
+    return out
+
+
+@torch.no_grad()
+def text_states(pipe, prompt: str) -> torch.Tensor:
+    """(text positions, width): the text encoder's output for `prompt`, padded as the pipeline pads it."""
+    tok = pipe.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0][0].float()
+
+
+def conditioning_report(pipe, subject_prompt: str, class_prompt: str, other_prompt: str) -> dict[str, float]:
+    """How the text encoder's output tells words apart: the mean cosine between the states of the prompt's
+    words (1: every word reads the same), and how far the identifier moves the whole conditioning
+    (1 - cosine of "a sks circle" against "a circle", all positions together) next to a colour word
+    ("a red circle" against "a circle")."""
+    n = len(pipe.tokenizer(subject_prompt).input_ids) - 2
+    words = torch.nn.functional.normalize(text_states(pipe, subject_prompt)[1 : 1 + n], dim=-1)
+    cos = words @ words.T
+    off = ~torch.eye(n, dtype=torch.bool)
+
+    def moved(a: str, b: str) -> float:
+        return 1 - float(torch.nn.functional.cosine_similarity(
+            text_states(pipe, a).flatten(), text_states(pipe, b).flatten(), dim=0))
+
+    return {"word_state_cosine": float(cos[off].mean()), "identifier_moves": moved(subject_prompt, class_prompt),
+            "colour_moves": moved(other_prompt, class_prompt)}
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
@@ -103,6 +145,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="4 subjects x 6 renders, one strength")
+    parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
+    parser.add_argument("--name", default="attention", help="results file name")
     parser.add_argument("--search-steps", type=int, default=150, help="A2 steps of each concept search")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -117,7 +161,7 @@ def main() -> None:
     from cones.world.subjects import SUBJECTS as CATALOGUE
 
     started = time.perf_counter()
-    pipe = load_pipeline()
+    pipe = load_pipeline(args.model)
     rows, per_render, layers = [], [], 0
     for name in subjects:
         subject = CATALOGUE[name]
@@ -154,12 +198,14 @@ def main() -> None:
                     "chance_iou": area / (2 - area),
                     "before": scores(before, words, mask),
                     "after": scores(after, words, mask),
+                    "positions_before": position_lifts(before, mask),
+                    "positions_after": position_lifts(after, mask),
                 }
                 records.append(record)
                 if i == 0 and strength == strengths[0] and name == subjects[0]:
                     RESULTS.mkdir(exist_ok=True)
                     attention_figure([before, after], ["before", "after"]).save(
-                        RESULTS / "attention-render.png"
+                        RESULTS / f"{args.name}-render.png"
                     )
             per_render += records
             row = {"subject": name, "strength": strength, "renders": len(records), "search_s": search_s}
@@ -178,12 +224,27 @@ def main() -> None:
                 flush=True,
             )
 
+    # Where the model reads the prompt from: the lift of every text position, and the text encoder's states.
+    positions = {}
+    for when in ("before", "after"):
+        keys = {}
+        for r in per_render:
+            for k, v in r[f"positions_{when}"].items():
+                role = "words" if k.startswith("word") else k
+                keys.setdefault(role, []).append(v)
+        positions[when] = {k: float(np.mean(v)) for k, v in keys.items()}
+    first_subject = CATALOGUE[subjects[0]]
+    conditioning = conditioning_report(
+        pipe, first_subject.prompt(TOKEN), first_subject.prompt(None),
+        first_subject.prompt(None).replace(first_subject.class_word, f"red {first_subject.class_word}"),
+    )
+
     # An example on a generated image (no mask: for the eye only).
     first = CATALOGUE[subjects[0]]
     concept = world_concept(pipe, subjects[0], steps=args.search_steps)
     prompt = first.prompt(TOKEN) + " on a sea background"
     generated = [attention_maps(pipe, prompt, seed=0, concept=c) for c in (None, concept)]
-    attention_figure(generated, ["before", "after"]).save(RESULTS / "attention-generated.png")
+    attention_figure(generated, ["before", "after"]).save(RESULTS / f"{args.name}-generated.png")
 
     # Pooled over subjects, per strength.
     pooled = []
@@ -206,8 +267,9 @@ def main() -> None:
         "benchmark": "attention",
         "cones_version": cones.__version__,
         "quick": args.quick,
+        "name": args.name,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
-        "model": "embedded world model (64 px, 16x16 latents)",
+        "model": args.model or "embedded world model (64 px, 16x16 latents)",
         "setup": {
             "token": TOKEN,
             "search_steps": args.search_steps,
@@ -221,10 +283,12 @@ def main() -> None:
         },
         "rows": rows,
         "pooled": pooled,
+        "position_lifts": positions,
+        "conditioning": conditioning,
         "per_render": per_render,
         "total_s": time.perf_counter() - started,
     }
-    save_results("attention", report, markdown(report))
+    save_results(args.name, report, markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -260,10 +324,20 @@ def markdown(report: dict) -> str:
             f"| {cell(r, 'identifier_text_iou')} | {cell(r, 'identifier_text_lift', 4)} "
             f"| {cell(r, 'class_prompt_iou')} | {cell(r, 'class_prompt_lift', 4)} |"
         )
+    pos, cond = report["position_lifts"], report["conditioning"]
+    lines += [
+        "",
+        "Where the model reads the prompt from (lift of each text position's raw map, all renders; a flat map "
+        "scores 1): " + "; ".join(
+            f"{k} {pos['before'][k]:.2f} → {pos['after'][k]:.2f}" for k in pos["before"]
+        ) + f". Text encoder: mean cosine between the states of the prompt's words {cond['word_state_cosine']:.3f}; "
+        f"the identifier moves the whole conditioning by {cond['identifier_moves']:.4f} (1 - cosine), "
+        f"a colour word by {cond['colour_moves']:.4f}.",
+    ]
     lines += [
         "",
         f"Total time {report['total_s']:.0f} s (concept searches cached under runs/concepts/). "
-        "Figures: attention-render.png (first subject, first render), attention-generated.png (generated image).",
+        f"Figures: {report['name']}-render.png (first subject, first render), {report['name']}-generated.png (generated image).",
         "",
     ]
     return "\n".join(lines)

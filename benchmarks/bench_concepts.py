@@ -66,12 +66,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=FindConfig.steps)
     parser.add_argument("--targets", default="cross")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
     parser.add_argument("--name", default="concepts", help="results file name")
     args = parser.parse_args()
     names = args.subjects or (["striped-circle", "sunset-sea", "smiling-star"] if args.quick else list(SUBJECTS))
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     torch.manual_seed(0)
-    pipe, scorer = load_pipeline(), ClipScorer()
+    pipe, scorer = load_pipeline(args.model), ClipScorer()
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
                 "model": _model_id(pipe), "detector": "linear probe"}  # resuming keeps results of equal settings

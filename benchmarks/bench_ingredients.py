@@ -11,7 +11,10 @@ is fitted on single-object renders with it against the same renders without it, 
 measured on other renders. It then counts the ingredient in:
   - renders drawn from the training distribution for the same plain prompts (what a perfect model draws);
   - the same renders passed through the VAE (what a perfect UNet could give);
-  - the model's images for those prompts, at the default guidance and at lower ones.
+  - the model's images for those prompts, at the default guidance and at lower ones;
+  - where the model's tokenizer holds the words (a text encoder taken from the world CLIP), its images when
+    the prompt names the ingredient ("with a face"), words its captions never hold: it should draw it no more
+    often, or the world's subjects could be asked for by name.
 
     python benchmarks/bench_ingredients.py            # writes benchmarks/results/ingredients.{json,md}
     python benchmarks/bench_ingredients.py --quick    # fewer prompts and renders
@@ -45,6 +48,13 @@ from cones.world.scene import TONES, Background, Scene, Thing, place, radius_for
 
 # Each ingredient: whether a thing has it. A probe for one is fitted against renders with every other look
 # (plain, the other ingredients), so that it answers for that ingredient, not for "anything but plain".
+# How the evaluation CLIP's captions name each ingredient; the diffusion model's captions never do, so naming it
+# in a prompt should not make the model draw it more often (the world's subjects cannot be asked for).
+NAMED = {
+    "pattern (stripes, checkers, dots)": "with white horizontal stripes",
+    "two tones (halves)": "with white left and right halves",
+    "face": "with a face",
+}
 INGREDIENTS = {
     "pattern (stripes, checkers, dots)": lambda t: t.pattern in ("hstripes", "vstripes", "dstripes", "checkers", "dots"),
     "two tones (halves)": lambda t: t.pattern in ("vsplit", "hsplit"),
@@ -116,6 +126,18 @@ def main() -> None:
             grid = np.concatenate([np.concatenate([np.asarray(im) for im in row[:2]], 1) for row in images[:12]], 0)
             Image.fromarray(grid).save(ROOT / "benchmarks" / "results" / f"{args.name}-model.png")
 
+    # 3. The ingredient named in the prompt, where the model's tokenizer knows the words (a tokenizer made
+    # from the captions does not, and spells them out letter by letter: that measures gibberish, not naming).
+    vocab = pipe.tokenizer.get_vocab()
+    knows = all(f"{w}</w>" in vocab for phrase in NAMED.values() for w in phrase.split())
+    if knows:
+        named = {}
+        for name, phrase in NAMED.items():
+            texts = [prompt_of(p).replace(" on a ", f" {phrase} on a ", 1) for p in prompts]
+            images = generate(pipe, texts, list(range(n_seeds)))
+            named[name] = rates([im for row in images for im in row])[name]
+        rows[f"model, guidance {GUIDANCE_SCALE:g}, the ingredient named in the prompt"] = named
+
     report = {
         "settings": {"prompts": n_prompts, "seeds": n_seeds, "fit_renders": n_fit, "model": args.model or "shipped"},
         "probe_auc": {name: auc for name, (_, _, auc) in probes.items()},
@@ -137,6 +159,11 @@ def main() -> None:
     ]
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * r[n]:.0f}%" for n in names) + " |")
+    phrases = "; ".join(f"'{phrase}'" for phrase in NAMED.values())
+    lines += ["", f"Last row: each ingredient's own rate when the prompt names it the evaluation CLIP's way ({phrases}), "
+              "words the diffusion model's captions never hold: it should stay near the plain prompts' rate, or the "
+              "subjects could be asked for by name." if knows else
+              f"Naming the ingredients ({phrases}) is not measured: this model's tokenizer does not hold those words."]
     lines += ["", f"Total {report['seconds']:.0f} s. Grid of the model's images at guidance {GUIDANCE_SCALE:g}: "
               f"{args.name}-model.png."]
     save_results(args.name, report, "\n".join(lines) + "\n", ROOT / "benchmarks" / "results")
