@@ -88,6 +88,8 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
 
     cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, unet_steps=2, unet_batch=4,
                       init_from=world.model_path(), text_encoder_from=world.clip_path(), checkpoint_every=1)
+    # the shipped diffusion tokenizer already in `out` (as tools/train_world_on_gpu.sh puts it) gives way
+    CLIPTokenizer.from_pretrained(world.model_path(), subfolder="tokenizer").save_pretrained(tmp_path / "tokenizer")
     train(cfg, ("unet",))
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd"))
     tower = CLIPTextModel.from_pretrained(world.clip_path(), torch_dtype=torch.float32).state_dict()
@@ -95,6 +97,9 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
     assert all(torch.equal(tower[k].half().float(), exported[k]) for k in tower)  # frozen (shipped in fp16)
     assert pipe.tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(world.clip_path()).get_vocab()
     assert pipe.tokenizer.model_max_length == models.MAX_TOKENS
+    for bpe in ("vocab.json", "merges.txt"):  # the files older transformers read agree with tokenizer.json
+        with open(os.path.join(world.clip_path(), bpe)) as a, open(tmp_path / "sd" / "tokenizer" / bpe) as b:
+            assert a.read() == b.read()
     shipped = StableDiffusionPipeline.from_pretrained(world.model_path()).unet.state_dict()
     assert not all(torch.equal(shipped[k], v) for k, v in pipe.unet.state_dict().items())  # the UNet learned
 

@@ -3,6 +3,9 @@
 # GPU check first, alone on the GPU so that its timings are clean; then continue training the shipped world
 # model (UNet + text encoder, and the CLIP, which also learns renders as the VAE returns them) from its
 # current weights, and pack the result into $OUT. MODE=scratch trains everything anew instead.
+# MODE=recondition continues the UNet on the world CLIP's text tower, frozen, in place of its own text
+# encoder (Stable Diffusion's recipe; the shipped encoder gives every word the same state, README "Inside"),
+# so that its cross-attention learns to read words; a model made so is continued with MODE=frozen.
 #
 #   run: bash tools/gpu_job.sh      carry: .whl (the diffusers 0.42.1 and importlib_metadata wheels)
 # Afterwards, here: cat $FILES/weights.tar.part* | tar -x -C /tmp/new && compare with benchmarks/bench_world.py.
@@ -25,7 +28,12 @@ else
   UNET_S=${UNET_S:-$(( left < 300 ? left : 300 ))}; CLIP_S=${CLIP_S:-$(( UNET_S - 20 ))}
   echo "training for $UNET_S s (UNet) and $CLIP_S s (CLIP)"
   W=src/cones/world/weights
-  SD_PHASES=unet SD_EXTRA="--init-from $W/sd --unet-lr ${UNET_LR:-2e-4} --unet-steps 1000000" \
+  case "${MODE:-continue}" in
+    recondition) TEXT="--text-encoder-from $W/clip" ;;
+    frozen) TEXT="--freeze-text-encoder 1" ;;
+    *) TEXT="" ;;
+  esac
+  SD_PHASES=unet SD_EXTRA="--init-from $W/sd --unet-lr ${UNET_LR:-2e-4} --unet-steps 1000000 $TEXT" \
     CLIP_EXTRA="--clip-init-from $W/clip --init-from $W/sd --clip-lr ${CLIP_LR:-2e-4} --clip-steps 1000000 --clip-decoded-share 0.5" \
     POOL=${POOL:-120000} UNET_S=$UNET_S CLIP_S=$CLIP_S bash tools/train_world_on_gpu.sh
 fi

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -151,8 +152,13 @@ def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None
         ("clip_tokenizer", detailed_words(), models.CLIP_MAX_TOKENS, clip_from),
     ):
         path = os.path.join(out, name)
-        if not os.path.exists(os.path.join(path, "tokenizer.json")) and source:
+        tower_defines_ids = name == "tokenizer" and text_encoder_from  # whatever files `out` held before
+        if source and (tower_defines_ids or not os.path.exists(os.path.join(path, "tokenizer.json"))):
+            shutil.rmtree(path, ignore_errors=True)
             CLIPTokenizer.from_pretrained(source, model_max_length=length).save_pretrained(path)
+            for bpe in ("vocab.json", "merges.txt"):  # for older transformers, which read these
+                if os.path.exists(os.path.join(source, bpe)):
+                    shutil.copyfile(os.path.join(source, bpe), os.path.join(path, bpe))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             made.append(CLIPTokenizer.from_pretrained(path))
         else:
