@@ -104,6 +104,19 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
     assert not all(torch.equal(shipped[k], v) for k, v in pipe.unet.state_dict().items())  # the UNet learned
 
 
+def test_a_text_encoder_source_that_cannot_serve_is_refused_before_any_work(tmp_path):
+    from transformers import CLIPTextConfig
+
+    from cones.world.train import TrainConfig, train
+
+    with pytest.raises(FileNotFoundError, match="has no config.json; pass a transformers CLIPModel folder"):
+        train(TrainConfig(out=str(tmp_path / "run"), text_encoder_from=str(tmp_path)), ("unet",))
+    CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has text width 64, but the world UNet's cross-attention reads 192"):
+        train(TrainConfig(out=str(tmp_path / "run"), text_encoder_from=str(tmp_path)), ("unet",))
+    assert not (tmp_path / "run").exists()  # refused before the pool was rendered
+
+
 def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):
     """The wall-clock cap and the cosine schedule count the seconds of every run of a phase, so that an
     interrupted time-capped run does not start its learning rate over when it resumes."""

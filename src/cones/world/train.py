@@ -383,6 +383,19 @@ def text_encoder_for(cfg: TrainConfig, tokenizer) -> CLIPTextModel:
     return models.build_text_encoder(tokenizer)
 
 
+def check_text_encoder_source(folder: str) -> None:
+    """Fail before any slow work when `--text-encoder-from` is not a CLIP whose width the UNet reads."""
+    from transformers import CLIPTextConfig
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"--text-encoder-from {folder!r} has no config.json; pass a transformers CLIPModel "
+                                "folder, such as src/cones/world/weights/clip.")
+    width = CLIPTextConfig.from_pretrained(folder).hidden_size
+    if width != models.TEXT_DIM:
+        raise ValueError(f"--text-encoder-from {folder!r} has text width {width}, but the world UNet's "
+                         f"cross-attention reads {models.TEXT_DIM}; pass a CLIP with a {models.TEXT_DIM}-wide text tower.")
+
+
 def freezes_text_encoder(cfg: TrainConfig) -> bool:
     return bool(cfg.freeze_text_encoder or cfg.text_encoder_from)
 
@@ -571,6 +584,8 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
 
     The pool of renders and the tokenizers are made first, whatever the phases ("pool" alone makes just
     them, so that two processes can then train different phases from the same pool at once)."""
+    if cfg.text_encoder_from:
+        check_text_encoder_source(cfg.text_encoder_from)
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
