@@ -104,6 +104,27 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
     assert not all(torch.equal(shipped[k], v) for k, v in pipe.unet.state_dict().items())  # the UNet learned
 
 
+@pytest.mark.slow
+def test_a_clip_can_learn_the_diffusion_captions_alone(tmp_path):
+    """A text tower to condition a UNet on must not know the detail words that would name the subjects."""
+    from transformers import CLIPModel
+
+    from cones.world.train import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, clip_steps=2, clip_batch=8,
+                      clip_captions="diffusion", init_from=world.model_path())
+    train(cfg, ("clip",))
+    clip = tmp_path / "clip"
+    vocab = CLIPTokenizer.from_pretrained(clip).get_vocab()
+    assert vocab == CLIPTokenizer.from_pretrained(world.model_path(), subfolder="tokenizer").get_vocab()
+    assert "stripes</w>" not in vocab and "sks</w>" in vocab
+    with open(clip / "vocab.json") as a, open(os.path.join(world.model_path(), "tokenizer", "vocab.json")) as b:
+        assert a.read() == b.read()
+    assert CLIPModel.from_pretrained(clip).config.text_config.hidden_size == 192
+    with pytest.raises(ValueError, match="--clip-captions 'both' is not one of 'detailed', 'diffusion'"):
+        train(TrainConfig(out=str(tmp_path / "run"), clip_captions="both"), ("clip",))
+
+
 def test_a_text_encoder_source_that_cannot_serve_is_refused_before_any_work(tmp_path):
     from transformers import CLIPTextConfig
 

@@ -72,6 +72,13 @@ class TrainConfig:
                           "well as crisp renders"},
     )
     clip_decoded_pool: int = field(default=20_000, metadata={"help": "pool images given a decoded copy"})
+    clip_captions: str = field(
+        default="detailed",
+        metadata={"help": "what the CLIP learns to read: 'detailed' captions that name every detail (the "
+                          "evaluation CLIP), or the diffusion model's own 'diffusion' captions and vocabulary, "
+                          "for a text tower to condition a UNet on (--text-encoder-from) that cannot name "
+                          "the subjects' details"},
+    )
     phase_seconds: dict = field(default_factory=dict, metadata={"help": "wall-clock cap per phase name"})
     checkpoint_every: int = 500
     mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
@@ -548,13 +555,14 @@ def export_pipeline(path: str, vae, unet, text_encoder, tokenizer, dtype=torch.f
                 g.write(f.read())
 
 
-def export_clip(path: str, clip, tokenizer, dtype=torch.float16) -> None:
-    """Save a transformers CLIPModel folder with its tokenizer and preprocessing config."""
+def export_clip(path: str, clip, tokenizer, dtype=torch.float16, vocabulary: str | None = None) -> None:
+    """Save a transformers CLIPModel folder with its tokenizer and preprocessing config; `vocabulary` is the
+    folder of the tokenizer's BPE files (default: the run's `clip_tokenizer`)."""
     clip.to("cpu", dtype).save_pretrained(path, safe_serialization=True)
     declare_float32(os.path.join(path, "config.json"))
     tokenizer.save_pretrained(path)
     for name in ("vocab.json", "merges.txt"):
-        src = os.path.join(os.path.dirname(path), "clip_tokenizer", name)
+        src = os.path.join(vocabulary or os.path.join(os.path.dirname(path), "clip_tokenizer"), name)
         if os.path.exists(src):
             with open(src, "rb") as f, open(os.path.join(path, name), "wb") as g:
                 g.write(f.read())
@@ -586,6 +594,8 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     them, so that two processes can then train different phases from the same pool at once)."""
     if cfg.text_encoder_from:
         check_text_encoder_source(cfg.text_encoder_from)
+    if cfg.clip_captions not in ("detailed", "diffusion"):
+        raise ValueError(f"--clip-captions {cfg.clip_captions!r} is not one of 'detailed', 'diffusion'.")
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -629,13 +639,18 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet.eval(), text_encoder.eval(), sd_tokenizer)
     if "clip" in phases:
         t = time.time()
-        details = pool["details"]  # (N, variants)
-        ids = tokenize(clip_tokenizer, details.reshape(-1), models.CLIP_MAX_TOKENS)
-        ids = ids.view(*details.shape, -1).to(cfg.device)
+        vocabulary = os.path.join(cfg.out, "tokenizer" if cfg.clip_captions == "diffusion" else "clip_tokenizer")
+        if cfg.clip_captions == "diffusion":  # the diffusion captions, read with the diffusion vocabulary
+            texts = pool["captions"]
+            tokenizer = CLIPTokenizer.from_pretrained(vocabulary, model_max_length=models.CLIP_MAX_TOKENS)
+        else:
+            texts, tokenizer = pool["details"], clip_tokenizer  # (N, variants)
+        ids = tokenize(tokenizer, texts.reshape(-1), models.CLIP_MAX_TOKENS)
+        ids = ids.view(*texts.shape, -1).to(cfg.device)
         decoded = decode_pool(cfg, vae, images) if clip_sees_decoded else None
-        clip, report["clip_log"] = train_clip(cfg, images, ids, clip_tokenizer, decoded)
+        clip, report["clip_log"] = train_clip(cfg, images, ids, tokenizer, decoded)
         report["seconds"]["clip"] = time.time() - t
-        export_clip(os.path.join(cfg.out, "clip"), clip, clip_tokenizer)
+        export_clip(os.path.join(cfg.out, "clip"), clip, tokenizer, vocabulary=vocabulary)
     report["seconds"]["total"] = time.time() - t0
     with open(os.path.join(cfg.out, f"report-{'-'.join(phases)}.json"), "w") as f:
         json.dump(report, f, indent=1)
