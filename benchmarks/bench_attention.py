@@ -233,14 +233,13 @@ def main() -> None:
                 role = "words" if k.startswith("word") else k
                 keys.setdefault(role, []).append(v)
         positions[when] = {k: float(np.mean(v)) for k, v in keys.items()}
-    first_subject = CATALOGUE[subjects[0]]
+    first = CATALOGUE[subjects[0]]
     conditioning = conditioning_report(
-        pipe, first_subject.prompt(TOKEN), first_subject.prompt(None),
-        first_subject.prompt(None).replace(first_subject.class_word, f"red {first_subject.class_word}"),
+        pipe, first.prompt(TOKEN), first.prompt(None),
+        first.prompt(None).replace(first.class_word, f"red {first.class_word}"),
     )
 
     # An example on a generated image (no mask: for the eye only).
-    first = CATALOGUE[subjects[0]]
     concept = world_concept(pipe, subjects[0], steps=args.search_steps)
     prompt = first.prompt(TOKEN) + " on a sea background"
     generated = [attention_maps(pipe, prompt, seed=0, concept=c) for c in (None, concept)]

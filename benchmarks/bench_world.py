@@ -84,13 +84,15 @@ def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]
     return {a: float(np.mean(h)) for a, h in hits.items()}
 
 
-def zero_shot_hits(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]) -> dict[str, list[bool]]:
+def zero_shot_hits(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict],
+                   attributes: tuple[str, ...] = tuple(ATTRIBUTES)) -> dict[str, list[bool]]:
     """Per image and attribute, whether the CLIP's choice among all the attribute's values (the prompt's other
     words kept) is the prompt's."""
     emb = scorer.images(images)
-    hits: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
+    hits: dict[str, list[bool]] = {a: [] for a in attributes}
     for i, p in enumerate(prompts):
-        for attr, values in ATTRIBUTES.items():
+        for attr in attributes:
+            values = ATTRIBUTES[attr]
             texts = [prompt_of({**p, attr: v}) for v in values]
             hits[attr].append(values[int((scorer.texts(texts) @ emb[i]).argmax())] == p[attr])
     return hits
@@ -101,7 +103,8 @@ def judge_on_many_renders(scorer: ClipScorer, n: int, seed: int = 11) -> dict:
     white background (7 grey levels apart, drawn only by its antialiased edge) against every other pair."""
     prompts = single_object_prompts(n, seed=seed)
     rng = random.Random(seed + 1)
-    hits = np.array(zero_shot_hits(scorer, [canonical_render(p, rng) for p in prompts], prompts)["shape"])
+    renders = [canonical_render(p, rng) for p in prompts]
+    hits = np.array(zero_shot_hits(scorer, renders, prompts, ("shape",))["shape"])
     white = np.array([p["colour"] == "white" and p["background"] == "white" for p in prompts])
     errors: dict[str, int] = {}
     for p, hit in zip(prompts, hits, strict=True):

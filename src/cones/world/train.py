@@ -163,14 +163,20 @@ def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None
         if source and (tower_defines_ids or not os.path.exists(os.path.join(path, "tokenizer.json"))):
             shutil.rmtree(path, ignore_errors=True)
             CLIPTokenizer.from_pretrained(source, model_max_length=length).save_pretrained(path)
-            for bpe in ("vocab.json", "merges.txt"):  # for older transformers, which read these
-                if os.path.exists(os.path.join(source, bpe)):
-                    shutil.copyfile(os.path.join(source, bpe), os.path.join(path, bpe))
+            copy_bpe_files(source, path)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             made.append(CLIPTokenizer.from_pretrained(path))
         else:
             made.append(build_clip_tokenizer(words, path, length))
     return tuple(made)
+
+
+def copy_bpe_files(source: str, folder: str) -> None:
+    """Copy a tokenizer's BPE files (vocab.json, merges.txt) from `source` into `folder`, where they exist:
+    `save_pretrained` writes only tokenizer.json, and older transformers read these instead."""
+    for name in ("vocab.json", "merges.txt"):
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
 
 
 def tokenize(tokenizer, texts, length: int) -> torch.Tensor:
@@ -547,12 +553,7 @@ def export_pipeline(path: str, vae, unet, text_encoder, tokenizer, dtype=torch.f
     )
     pipe.save_pretrained(path, safe_serialization=True)
     declare_float32(os.path.join(path, "text_encoder", "config.json"))
-    # Older transformers read the BPE files; keep them beside tokenizer.json.
-    for name in ("vocab.json", "merges.txt"):
-        src = os.path.join(os.path.dirname(path), "tokenizer", name)
-        if os.path.exists(src):
-            with open(src, "rb") as f, open(os.path.join(path, "tokenizer", name), "wb") as g:
-                g.write(f.read())
+    copy_bpe_files(os.path.join(os.path.dirname(path), "tokenizer"), os.path.join(path, "tokenizer"))
 
 
 def export_clip(path: str, clip, tokenizer, dtype=torch.float16, vocabulary: str | None = None) -> None:
@@ -561,11 +562,7 @@ def export_clip(path: str, clip, tokenizer, dtype=torch.float16, vocabulary: str
     clip.to("cpu", dtype).save_pretrained(path, safe_serialization=True)
     declare_float32(os.path.join(path, "config.json"))
     tokenizer.save_pretrained(path)
-    for name in ("vocab.json", "merges.txt"):
-        src = os.path.join(vocabulary or os.path.join(os.path.dirname(path), "clip_tokenizer"), name)
-        if os.path.exists(src):
-            with open(src, "rb") as f, open(os.path.join(path, name), "wb") as g:
-                g.write(f.read())
+    copy_bpe_files(vocabulary or os.path.join(os.path.dirname(path), "clip_tokenizer"), path)
     size = clip.config.vision_config.image_size
     preprocessor = {
         "image_processor_type": "CLIPImageProcessor",
@@ -639,12 +636,11 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet.eval(), text_encoder.eval(), sd_tokenizer)
     if "clip" in phases:
         t = time.time()
-        vocabulary = os.path.join(cfg.out, "tokenizer" if cfg.clip_captions == "diffusion" else "clip_tokenizer")
         if cfg.clip_captions == "diffusion":  # the diffusion captions, read with the diffusion vocabulary
-            texts = pool["captions"]
+            vocabulary, texts = os.path.join(cfg.out, "tokenizer"), pool["captions"]
             tokenizer = CLIPTokenizer.from_pretrained(vocabulary, model_max_length=models.CLIP_MAX_TOKENS)
-        else:
-            texts, tokenizer = pool["details"], clip_tokenizer  # (N, variants)
+        else:  # every detail named: the evaluation CLIP
+            vocabulary, texts, tokenizer = os.path.join(cfg.out, "clip_tokenizer"), pool["details"], clip_tokenizer
         ids = tokenize(tokenizer, texts.reshape(-1), models.CLIP_MAX_TOKENS)
         ids = ids.view(*texts.shape, -1).to(cfg.device)
         decoded = decode_pool(cfg, vae, images) if clip_sees_decoded else None
