@@ -44,19 +44,21 @@ TOKEN = "sks"
 SUBJECTS = ("striped-circle", "checkered-square", "smiling-star", "two-tone-heart", "dotted-triangle")
 
 
-def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150, seed: int = 0):
-    """The concept of a world subject found with `find_concept` (FindConfig defaults but `steps`), cached."""
+def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150, seed: int = 0,
+                  sparsity: float = 0.01):
+    """The concept of a world subject found with `find_concept` (FindConfig defaults but `steps` and
+    `sparsity`), cached."""
     from cones.find import FindConfig, _model_id, find_concept
     from cones.neurons import ConceptNeurons
     from cones.world.concepts import references, search_prompts
     from cones.world.subjects import SUBJECTS as CATALOGUE
 
     subject = CATALOGUE[subject_name]
-    config = FindConfig(steps=steps, seed=seed)
+    config = FindConfig(steps=steps, seed=seed, sparsity=sparsity)
     key = hashlib.sha256(  # the config holds the class images' guidance, on which the concept depends
         json.dumps([_model_id(pipe), subject_name, token, repr(config)]).encode()
     ).hexdigest()[:12]
-    path = CONCEPT_CACHE / f"{subject_name}-{token}-{steps}-{key}.cones"
+    path = CONCEPT_CACHE / f"{subject_name}-{token}-{steps}-{key}.cones"  # key: model and whole config
     if path.exists():
         return ConceptNeurons.load(path)
     images, _, _ = references(subject)
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
     parser.add_argument("--name", default="attention", help="results file name")
     parser.add_argument("--search-steps", type=int, default=150, help="A2 steps of each concept search")
+    parser.add_argument("--sparsity", type=float, default=0.01, help="share of cross-attention K/V weights shut")
     args = parser.parse_args()
     torch.set_num_threads(1)
     subjects = SUBJECTS[:4] if args.quick else SUBJECTS
@@ -166,7 +169,7 @@ def main() -> None:
     for name in subjects:
         subject = CATALOGUE[name]
         t0 = time.perf_counter()
-        concept = world_concept(pipe, name, steps=args.search_steps)
+        concept = world_concept(pipe, name, steps=args.search_steps, sparsity=args.sparsity)
         search_s = time.perf_counter() - t0
         prompt = subject.prompt(TOKEN)
         words = {"identifier": TOKEN, "class": subject.class_word}
@@ -240,7 +243,7 @@ def main() -> None:
     )
 
     # An example on a generated image (no mask: for the eye only).
-    concept = world_concept(pipe, subjects[0], steps=args.search_steps)
+    concept = world_concept(pipe, subjects[0], steps=args.search_steps, sparsity=args.sparsity)
     prompt = first.prompt(TOKEN) + " on a sea background"
     generated = [attention_maps(pipe, prompt, seed=0, concept=c) for c in (None, concept)]
     attention_figure(generated, ["before", "after"]).save(RESULTS / f"{args.name}-generated.png")
@@ -272,6 +275,7 @@ def main() -> None:
         "setup": {
             "token": TOKEN,
             "search_steps": args.search_steps,
+            "sparsity": args.sparsity,
             "renders_per_subject": renders,
             "strengths": list(strengths),
             "sampling_steps": steps,
@@ -306,7 +310,8 @@ def markdown(report: dict) -> str:
         f"guidance {setup['guidance_scale']}); maps averaged over steps, heads and the "
         f"{setup['cross_attention_layers']} cross-attention layers at "
         f"{setup['map_resolution']}x{setup['map_resolution']}, scored against the object's mask from the scene. "
-        f"Concepts: A2 search, {setup['search_steps']} steps, 1% of the cross-attention K/V weights. "
+        f"Concepts: A2 search, {setup['search_steps']} steps, {setup.get('sparsity', 0.01):.0%} of the cross-attention "
+        "K/V weights. "
         "Cells: before → after (paired difference ± standard error). "
         "IoU: of the map's top pixels (as many as the mask) with the mask. Lift: the map's mass inside the mask "
         "divided by the mask's area share (1: no more attention inside than a flat map). "
