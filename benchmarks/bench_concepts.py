@@ -75,7 +75,7 @@ def main() -> None:
     pipe, scorer = load_pipeline(args.model), ClipScorer()
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
-                "model": _model_id(pipe), "detector": "linear probe"}  # resuming keeps results of equal settings
+                "model": _model_id(pipe), "detector": "linear probe on decoded renders"}  # resuming keeps results of equal settings
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = {"settings": settings, "subjects": {}}
     if os.path.exists(path):  # resume: subjects measured with the same settings are kept
@@ -88,7 +88,7 @@ def main() -> None:
         if name in results["subjects"]:
             continue
         subject = SUBJECTS[name]
-        detector = subject_detector(scorer, subject)
+        detector = subject_detector(scorer, subject, vae=pipe.vae)
         images, pictures, _ = references(subject)
         subject_prompts, class_prompts = search_prompts(subject, "sks")
         started = time.time()

@@ -35,14 +35,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_world import prompt_of, single_object_prompts, through_vae  # noqa: E402
+from bench_world import prompt_of, single_object_prompts  # noqa: E402
 from results_io import save_results  # noqa: E402
 
 from cones import GUIDANCE_SCALE  # noqa: E402
 from cones.evaluate import ClipScorer, roc_auc  # noqa: E402
 from cones.generate import generate  # noqa: E402
 from cones.pipeline import load_pipeline  # noqa: E402
-from cones.world.concepts import best_threshold, fit_probe  # noqa: E402
+from cones.world.concepts import best_threshold, fit_probe, through_vae  # noqa: E402
 from cones.world.render import render  # noqa: E402
 from cones.world.scene import TONES, Background, Scene, Thing, place, radius_for, sample_thing  # noqa: E402
 

@@ -75,7 +75,14 @@ from cones.refine import (
 )
 from cones.storage import load_concept_file, save_concept
 from cones.switching import shut
-from cones.world.concepts import SubjectDetector, best_threshold, eval_prompts, references, subject_detector
+from cones.world.concepts import (
+    SubjectDetector,
+    best_threshold,
+    eval_prompts,
+    references,
+    subject_detector,
+    through_vae,
+)
 from cones.world.concepts import subject_data as world_subject_data
 from cones.world.render import render
 from cones.world.scene import RELATIONS, SIZES, Scene, place, radius_for
@@ -204,12 +211,18 @@ def composition_renders(
     return pictures
 
 
-def composition_detector(scorer, detector: SubjectDetector, name: str, combo: tuple[str, ...], n: int = 100):
+def composition_detector(
+    scorer, detector: SubjectDetector, name: str, combo: tuple[str, ...], n: int = 100, vae=None
+):
     """`detector` with its threshold re-fitted inside a composition: renders of the composition (positives)
-    against renders with `name` swapped for another member of its class (negatives); `auc` is measured there.
+    against renders with `name` swapped for another member of its class (negatives), passed through `vae`
+    as the detector's own were; `auc` is measured there.
     """
-    pos = detector.scores(scorer.images(composition_renders(combo, n, seed=1))).numpy()
-    neg = detector.scores(scorer.images(composition_renders(combo, n, seed=2, swap=name))).numpy()
+    def embed(images):
+        return scorer.images(through_vae(vae, images) if vae is not None else images)
+
+    pos = detector.scores(embed(composition_renders(combo, n, seed=1))).numpy()
+    neg = detector.scores(embed(composition_renders(combo, n, seed=2, swap=name))).numpy()
     return replace(detector, threshold=best_threshold(pos, neg), auc=roc_auc(pos, neg))
 
 
@@ -294,7 +307,7 @@ def main() -> None:
     model_id = model_fingerprint(pipe)
     scorer = ClipScorer()
     names = sorted({n for c in COMPOSITIONS.values() for n in c}, key=list(TOKENS).index)
-    detectors = {n: subject_detector(scorer, SUBJECTS[n]) for n in names}
+    detectors = {n: subject_detector(scorer, SUBJECTS[n], vae=pipe.vae) for n in names}
     subjects = {n: subject_data(n) for n in names}
     single_cfg = FindConfig(
         steps=s["single_steps"], batch_size=s["batch"], num_class_images=s["class_images"]
@@ -352,7 +365,7 @@ def main() -> None:
 
         # 3b. Detectors re-calibrated inside this composition, then every method generated and scored.
         start = time.perf_counter()
-        in_combo = {n: composition_detector(scorer, detectors[n], n, combo) for n in combo}
+        in_combo = {n: composition_detector(scorer, detectors[n], n, combo, vae=pipe.vae) for n in combo}
         calibration[k] = {n: {"auc": d.auc, "threshold": d.threshold} for n, d in in_combo.items()}
         prompts = list(PROMPTS[k][: s["prompts"]])
         images = {method: generate_with(pipe, shut_, prompts, seeds) for method, shut_ in concepts.items()}

@@ -275,7 +275,7 @@ def main() -> None:
             subject_objective(pipe, data, find_cfg, seed=cfg.seed + i, cache_dir=args.cache_dir)
         )
         references[subject.name] = scorer.images(pictures)
-        detectors[subject.name] = concepts.subject_detector(scorer, subject, n=cfg.detector_renders)
+        detectors[subject.name] = concepts.subject_detector(scorer, subject, n=cfg.detector_renders, vae=pipe.vae)
     times["setup (class images, detectors)"] = time.perf_counter() - t0
     log(f"setup: {times['setup (class images, detectors)']:.0f} s")
 

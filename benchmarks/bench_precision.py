@@ -111,7 +111,7 @@ def main() -> None:
         concept.save(cones_path, overwrite=True)
         cones_bytes = cones_path.stat().st_size
         objective = concept_objective(pipe, subject)
-        detector = subject_detector(scorer, subject, n=detector_n)
+        detector = subject_detector(scorer, subject, n=detector_n, vae=pipe.vae)
         for variant in VARIANTS:
             row = {
                 "subject": name,

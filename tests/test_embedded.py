@@ -205,6 +205,30 @@ def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():
     assert detector.present(others).float().mean() < 0.2
 
 
+def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_them():
+    from diffusers import AutoencoderKL
+
+    from cones.evaluate import ClipScorer
+    from cones.world.concepts import pictures, subject_detector, through_vae
+    from cones.world.subjects import SUBJECTS
+
+    vae = AutoencoderKL.from_pretrained(world.model_path(), subfolder="vae").eval()
+    renders = pictures(SUBJECTS["striped-circle"].held_out(3, seed=7))
+    decoded = through_vae(vae, renders, batch=2)  # two batches
+    assert [im.size for im in decoded] == [im.size for im in renders]
+    difference = [np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(renders, decoded)]
+    assert all(0 < d < 25 for d in difference)  # close to the render, but not the render itself
+
+    scorer = ClipScorer()
+    subject = SUBJECTS["striped-circle"]
+    detector = subject_detector(scorer, subject, n=40, n_fit=120, vae=vae)
+    assert detector.decoded and detector.auc > 0.95
+    fresh = scorer.images(through_vae(vae, pictures(subject.held_out(20, seed=7))))
+    others = scorer.images(through_vae(vae, pictures([(s,) for s in subject.class_negatives(20, seed=7)])))
+    assert detector.present(fresh).float().mean() > 0.8
+    assert detector.present(others).float().mean() < 0.2
+
+
 def test_a_continued_model_keeps_its_vocabulary(tmp_path):
     from transformers import CLIPTokenizer
 

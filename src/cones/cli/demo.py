@@ -60,11 +60,12 @@ def run(args) -> int:
     )
     started = time.time()
 
-    # 1. The base model, the evaluation CLIP, and the subject's detector calibrated on held-out renders.
+    # 1. The base model, the evaluation CLIP, and the subject's detector calibrated on held-out renders as the
+    #    model's VAE returns them (every generated image comes out of that decoder).
     print(f"[1/4] loading the embedded model and CLIP; subject: {subject.name} ({subject.description})")
     pipe = load_pipeline()
     scorer = ClipScorer()
-    detector = subject_detector(scorer, subject)
+    detector = subject_detector(scorer, subject, vae=pipe.vae)
 
     # 2. The search, from the 5 reference images.
     print(f"[2/4] searching concept neurons ({config.steps} steps, {100 * config.sparsity:.1f}% of cross-attention K/V)")

@@ -27,6 +27,16 @@ def pictures(scenes) -> list[Image.Image]:
     return [Image.fromarray(render(scene)) for scene, *_ in scenes]
 
 
+def through_vae(vae, images: list[Image.Image], batch: int = 256) -> list[Image.Image]:
+    """The images as the VAE returns them (encoded, decoded): what a UNet that drew them exactly would
+    produce, since every generated image comes out of that decoder."""
+    from cones.world.train import vae_roundtrip
+
+    arrays = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+    decoded = [vae_roundtrip(vae, arrays[i : i + batch]).cpu() for i in range(0, len(arrays), batch)]
+    return [Image.fromarray(a) for a in torch.cat(decoded).numpy()]
+
+
 def references(subject: Subject, n: int = 5) -> tuple[torch.Tensor, list[Image.Image], list[str] | None]:
     """The subject's reference images as a tensor and as pictures, with per-image prompts for accessories."""
     refs = subject.references(n)
@@ -82,7 +92,9 @@ class SubjectDetector:
     shape, place or accessory in other looks). A probe rather than plain similarity to the references,
     because a subject can differ from its class in a detail that is a small part of the picture (a hat's
     band): the probe finds that detail's direction, where a mean similarity is swamped by everything else.
-    `threshold` and `auc` are measured on other renders than those it was fitted on.
+    `threshold` and `auc` are measured on other renders than those it was fitted on. A detector for generated
+    images sees every render as the model's VAE returns it (`decoded`): its threshold then sits in the gap
+    between the subject and its class as generated images can show them, not as crisp renders do.
     """
 
     references: torch.Tensor  # (r, d) normalised embeddings of the reference images (for image alignment)
@@ -93,6 +105,7 @@ class SubjectDetector:
     threshold: float
     auc: float
     similarity_auc: float  # the plain detector's AUC (similarity to references minus to the class), to compare
+    decoded: bool = False  # fitted and measured on renders passed through a VAE
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The probe's logit per image: above `threshold` means the subject is there."""
@@ -134,19 +147,26 @@ def best_threshold(positives: np.ndarray, negatives: np.ndarray) -> float:
     return float(candidates[int(np.argmax(accuracy))])
 
 
-def subject_detector(scorer: ClipScorer, subject: Subject, n: int = 200, n_fit: int = 1000) -> SubjectDetector:
+def subject_detector(
+    scorer: ClipScorer, subject: Subject, n: int = 200, n_fit: int = 1000, vae=None
+) -> SubjectDetector:
     """Fit the probe on `n_fit` renders of the subject and as many of its class, then set its threshold and
-    measure its ROC AUC on `n` other renders of each (seeds disjoint from the fitting ones)."""
+    measure its ROC AUC on `n` other renders of each (seeds disjoint from the fitting ones). With `vae`, every
+    one of those renders is first passed through it: the detector to judge that model's generated images."""
+    def embed(scenes) -> torch.Tensor:
+        images = pictures(scenes)
+        return scorer.images(through_vae(vae, images) if vae is not None else images)
+
     def renders(n: int, seed: int) -> torch.Tensor:  # the subject's held-out renders
-        return scorer.images(pictures(subject.held_out(n, seed=seed)))
+        return embed(subject.held_out(n, seed=seed))
 
     def class_renders(n: int, seed: int) -> torch.Tensor:  # its class without it
-        return scorer.images(pictures([(s,) for s in subject.class_negatives(n, seed=seed)]))
+        return embed([(s,) for s in subject.class_negatives(n, seed=seed)])
 
     refs = scorer.images(pictures(subject.references()))
     mean, scale, weight, bias = fit_probe(renders(n_fit, seed=1), class_renders(n_fit, seed=3))
     pos_emb, neg_emb = renders(n, seed=0), class_renders(n, seed=2)
-    detector = SubjectDetector(refs, mean, scale, weight, bias, 0.0, 0.0, 0.0)
+    detector = SubjectDetector(refs, mean, scale, weight, bias, 0.0, 0.0, 0.0, decoded=vae is not None)
     pos, neg = detector.scores(pos_emb).numpy(), detector.scores(neg_emb).numpy()
     detector.threshold, detector.auc = best_threshold(pos, neg), roc_auc(pos, neg)
     class_emb = class_renders(64, seed=1)
