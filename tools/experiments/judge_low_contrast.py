@@ -100,6 +100,20 @@ t0 = time.time() - spent
 n_low = int(B * LOW_SHARE)
 n_main = B - n_low
 clip.train()
+
+
+def save():
+    state = {
+        "clip": clip.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "spent": time.time() - t0,
+        "log": log,
+    }
+    torch.save(state, ck + ".tmp")
+    os.replace(ck + ".tmp", ck)
+
+
 while time.time() - t0 < CAP:
     for g in opt.param_groups:
         g["lr"] = LR * min(1, (step + 1) / 20)
@@ -121,21 +135,7 @@ while time.time() - t0 < CAP:
         log.append((step, out.loss.item()))
         print(step, round(out.loss.item(), 4), round(time.time() - t0), flush=True)
     if step % 50 == 0:
-        torch.save(
-            {
-                "clip": clip.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "spent": time.time() - t0,
-                "log": log,
-            },
-            ck + ".tmp",
-        )
-        os.replace(ck + ".tmp", ck)
-torch.save(
-    {"clip": clip.state_dict(), "opt": opt.state_dict(), "step": step, "spent": time.time() - t0, "log": log},
-    ck + ".tmp",
-)
-os.replace(ck + ".tmp", ck)
+        save()
+save()
 export_clip(os.path.join(OUT, "clip"), copy.deepcopy(clip).eval(), tok, vocabulary=world.clip_path())
 print("done", step, flush=True)

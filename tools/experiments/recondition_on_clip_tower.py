@@ -48,6 +48,21 @@ w = torch.clamp(snr, max=5.0) / snr
 gen = torch.Generator().manual_seed(100 + step)
 t0 = time.time() - spent
 B = 32
+
+
+def save():
+    state = {
+        "unet": unet.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "spent": time.time() - t0,
+        "log": log,
+    }
+    torch.save(state, ck + ".tmp")
+    os.replace(ck + ".tmp", ck)
+
+
 while time.time() - t0 < CAP:
     lr = 2e-4 * min(1, (step + 1) / 100)
     for g in opt.param_groups:
@@ -74,30 +89,8 @@ while time.time() - t0 < CAP:
         log.append((step, loss.item()))
         print(step, round(loss.item(), 4), round(time.time() - t0), flush=True)
     if step % 200 == 0:
-        torch.save(
-            {
-                "unet": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "spent": time.time() - t0,
-                "log": log,
-            },
-            ck + ".tmp",
-        )
-        os.replace(ck + ".tmp", ck)
-torch.save(
-    {
-        "unet": unet.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": opt.state_dict(),
-        "step": step,
-        "spent": time.time() - t0,
-        "log": log,
-    },
-    ck + ".tmp",
-)
-os.replace(ck + ".tmp", ck)
+        save()
+save()
 # export a pipeline folder: shipped VAE + scheduler, EMA UNet, the CLIP text tower and tokenizer
 pipe = StableDiffusionPipeline.from_pretrained(
     sd, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
