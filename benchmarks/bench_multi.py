@@ -78,10 +78,10 @@ from cones.switching import shut
 from cones.world.concepts import (
     SubjectDetector,
     best_threshold,
+    embed,
     eval_prompts,
     references,
     subject_detector,
-    through_vae,
 )
 from cones.world.concepts import subject_data as world_subject_data
 from cones.world.render import render
@@ -218,11 +218,8 @@ def composition_detector(
     against renders with `name` swapped for another member of its class (negatives), passed through `vae`
     as the detector's own were; `auc` is measured there.
     """
-    def embed(images):
-        return scorer.images(through_vae(vae, images) if vae is not None else images)
-
-    pos = detector.scores(embed(composition_renders(combo, n, seed=1))).numpy()
-    neg = detector.scores(embed(composition_renders(combo, n, seed=2, swap=name))).numpy()
+    pos = detector.scores(embed(scorer, composition_renders(combo, n, seed=1), vae)).numpy()
+    neg = detector.scores(embed(scorer, composition_renders(combo, n, seed=2, swap=name), vae)).numpy()
     return replace(detector, threshold=best_threshold(pos, neg), auc=roc_auc(pos, neg))
 
 

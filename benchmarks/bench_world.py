@@ -33,7 +33,7 @@ from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
 from cones.generate import generate
 from cones.pipeline import load_pipeline
-from cones.world.concepts import eval_prompts, pictures, subject_detector, through_vae
+from cones.world.concepts import embed, eval_prompts, pictures, subject_detector, through_vae
 from cones.world.render import render
 from cones.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
 from cones.world.subjects import SUBJECTS
@@ -148,7 +148,7 @@ def main() -> None:
     for name, s in SUBJECTS.items():
         shown = {"subject": s.held_out(200, seed=0), "class": [(x,) for x in s.class_negatives(200, seed=2)]}
         report["crisp_detector_on_decoded"][name] = {
-            k: float(on_renders[name].present(scorer.images(through_vae(pipe.vae, pictures(v)))).float().mean())
+            k: float(on_renders[name].present(embed(scorer, pictures(v), pipe.vae)).float().mean())
             for k, v in shown.items()
         }
 

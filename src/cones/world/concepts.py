@@ -37,6 +37,11 @@ def through_vae(vae, images: list[Image.Image], batch: int = 256) -> list[Image.
     return [Image.fromarray(a) for a in torch.cat(decoded).numpy()]
 
 
+def embed(scorer: ClipScorer, images: list[Image.Image], vae=None) -> torch.Tensor:
+    """CLIP embeddings of `images`, passed through `vae` first when one is given (as generated images are)."""
+    return scorer.images(through_vae(vae, images) if vae is not None else images)
+
+
 def references(subject: Subject, n: int = 5) -> tuple[torch.Tensor, list[Image.Image], list[str] | None]:
     """The subject's reference images as a tensor and as pictures, with per-image prompts for accessories."""
     refs = subject.references(n)
@@ -153,15 +158,11 @@ def subject_detector(
     """Fit the probe on `n_fit` renders of the subject and as many of its class, then set its threshold and
     measure its ROC AUC on `n` other renders of each (seeds disjoint from the fitting ones). With `vae`, every
     one of those renders is first passed through it: the detector to judge that model's generated images."""
-    def embed(scenes) -> torch.Tensor:
-        images = pictures(scenes)
-        return scorer.images(through_vae(vae, images) if vae is not None else images)
-
     def renders(n: int, seed: int) -> torch.Tensor:  # the subject's held-out renders
-        return embed(subject.held_out(n, seed=seed))
+        return embed(scorer, pictures(subject.held_out(n, seed=seed)), vae)
 
     def class_renders(n: int, seed: int) -> torch.Tensor:  # its class without it
-        return embed([(s,) for s in subject.class_negatives(n, seed=seed)])
+        return embed(scorer, pictures([(s,) for s in subject.class_negatives(n, seed=seed)]), vae)
 
     refs = scorer.images(pictures(subject.references()))
     mean, scale, weight, bias = fit_probe(renders(n_fit, seed=1), class_renders(n_fit, seed=3))
