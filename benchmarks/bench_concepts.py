@@ -73,9 +73,10 @@ def main() -> None:
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(args.model), ClipScorer()
+    # resuming keeps the results of equal settings
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
-                "model": _model_id(pipe), "detector": "linear probe on decoded renders"}  # resuming keeps results of equal settings
+                "model": _model_id(pipe), "detector": "linear probe on decoded renders"}
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = {"settings": settings, "subjects": {}}
     if os.path.exists(path):  # resume: subjects measured with the same settings are kept

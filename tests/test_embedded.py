@@ -216,7 +216,9 @@ def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_the
     renders = pictures(SUBJECTS["striped-circle"].held_out(3, seed=7))
     decoded = through_vae(vae, renders, batch=2)  # two batches
     assert [im.size for im in decoded] == [im.size for im in renders]
-    difference = [np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(renders, decoded, strict=True)]
+    difference = [
+        np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(renders, decoded, strict=True)
+    ]
     assert all(0 < d < 25 for d in difference)  # close to the render, but not the render itself
 
     scorer = ClipScorer()
