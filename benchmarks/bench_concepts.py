@@ -50,12 +50,13 @@ def class_images(pipe, scorer, subject, seeds) -> tuple[torch.Tensor, float]:
     return embeddings, seed_similarity
 
 
-def drift(pipe, scorer, subject, concept, seeds, before: torch.Tensor) -> float:
+def drift(pipe, scorer, subject, concept, seeds, before: torch.Tensor, detector) -> tuple[float, float]:
     """Mean CLIP cosine between paired images of the class prompts, without (`before`) vs with the concept
-    shut."""
+    shut; and the share of those shut class-prompt images in which the detector sees the subject (a concept
+    that reaches "a circle" as well as "a sks circle" shows the subject there too)."""
     with concept.shut(pipe.unet):
         after = scorer.images(flat(generate(pipe, eval_prompts(subject, None), seeds)))
-    return float((before * after).sum(-1).mean())
+    return float((before * after).sum(-1).mean()), float(detector.present(after).float().mean())
 
 
 def main() -> None:
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.01, 0.05])
     parser.add_argument("--steps", type=int, default=FindConfig.steps)
     parser.add_argument("--targets", default="cross")
+    parser.add_argument("--prior-weight", type=float, default=FindConfig.prior_weight,
+                        help="λ, the weight of prior preservation in the search's loss")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
     parser.add_argument("--name", default="concepts", help="results file name")
@@ -76,6 +79,7 @@ def main() -> None:
     # resuming keeps the results of equal settings
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
+                "prior_weight": args.prior_weight,
                 "model": _model_id(pipe), "detector": "linear probe on decoded renders"}
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = {"settings": settings, "subjects": {}}
@@ -95,7 +99,8 @@ def main() -> None:
         started = time.time()
         result = find_concept(
             pipe, images, token="sks", class_word=subject.class_word,
-            config=FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity)),
+            config=FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity),
+                              prior_weight=args.prior_weight),
             subject_prompts=subject_prompts, class_prompts=class_prompts,
             cache_dir=os.path.join("runs", "class-cache"), disable=True,
         )
@@ -104,6 +109,7 @@ def main() -> None:
         before, seed_similarity = class_images(pipe, scorer, subject, seeds)
         entry = {"detector_auc": detector.auc, "search_seconds": seconds, "seed_similarity": seed_similarity,
                  "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")}}
+        entry["without"]["class_subject_rate"] = float(detector.present(before).float().mean())
         rows += [pictures, base["images"][0]]
         for sparsity in args.sparsity:
             concept = result.select(sparsity=sparsity)
@@ -113,9 +119,10 @@ def main() -> None:
                 concept_path = os.path.join(tmp, "c.cones")
                 concept.save(concept_path)
                 size = os.path.getsize(concept_path)
+            similarity, class_rate = drift(pipe, scorer, subject, concept, seeds, before, detector)
             entry[f"with_{sparsity}"] = {
                 **{k: shut[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
-                "drift_similarity": drift(pipe, scorer, subject, concept, seeds, before),
+                "drift_similarity": similarity, "class_subject_rate": class_rate,
                 "neurons": concept.num_neurons, "sparsity": concept.sparsity, "file_bytes": size,
             }
             rows.append(shut["images"][0])
@@ -125,19 +132,25 @@ def main() -> None:
         grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
         rows = []
 
+    def share(cell: dict, key: str) -> str:  # tables of runs before a measure existed show a dash
+        return f"{cell[key]:.0%}" if key in cell else "–"
+
     head = "| subject | AUC | image align. without | " + " | ".join(
-        f"image align. / detected / drift sim. @ {100 * s:g}%" for s in args.sparsity) + (
-        " | detected without | seed-to-seed sim. | search |")
+        f"image align. / detected / drift sim. / class prompts detected @ {100 * s:g}%" for s in args.sparsity) + (
+        " | detected without (identifier / class prompts) | seed-to-seed sim. | search |")
     lines = [head, "|" + "---|" * (6 + len(args.sparsity))]
     for name, e in results["subjects"].items():
         cells = [f"{e[f'with_{s}']['image_alignment']:.3f} / {e[f'with_{s}']['subject_rate']:.0%} / "
-                 f"{e[f'with_{s}']['drift_similarity']:.3f}" for s in args.sparsity]
+                 f"{e[f'with_{s}']['drift_similarity']:.3f} / {share(e[f'with_{s}'], 'class_subject_rate')}"
+                 for s in args.sparsity]
         lines.append(f"| {name} | {e['detector_auc']:.3f} | {e['without']['image_alignment']:.3f} | "
-                     + " | ".join(cells) + f" | {e['without']['subject_rate']:.0%} | {e['seed_similarity']:.3f} "
+                     + " | ".join(cells) + f" | {e['without']['subject_rate']:.0%} / "
+                     f"{share(e['without'], 'class_subject_rate')} | {e['seed_similarity']:.3f} "
                      f"| {e['search_seconds']:.0f} s |")
     s = results["settings"]
     lines += ["", f"A2, {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}+{s['batch_size']}, "
-              f"targets {s['targets']} K/V; {len(seeds)} seeds per prompt; grid: {args.name}.png "
+              f"targets {s['targets']} K/V, prior weight λ {s.get('prior_weight', 1.0):g}; {len(seeds)} seeds per "
+              f"prompt; grid: {args.name}.png "
               "(per subject: references, without, then with each sparsity, first prompt)."]
     lines[-1] = lines[-1].replace(f"grid: {args.name}.png", f"grids: {args.name}-<subject>.png")
     save_results(args.name, results, "\n".join(lines))

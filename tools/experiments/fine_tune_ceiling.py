@@ -23,7 +23,7 @@ import time
 import torch
 
 torch.set_num_threads(1)
-from cones.baselines import custom_diffusion, dreambooth
+from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer
 from cones.find import FindConfig, concept_objective
 from cones.generate import grid
@@ -31,12 +31,16 @@ from cones.pipeline import load_pipeline
 from cones.world.concepts import references, score_subject, search_prompts, subject_detector
 from cones.world.subjects import SUBJECTS
 
-METHODS = {  # each at the learning rate cones uses for it on this model (bench_paper)
-    "dreambooth": (dreambooth, 2e-5),
-    "custom-diffusion": (custom_diffusion, 5e-4),
+METHODS = {  # each at the learning rate cones uses for it on this model (bench_paper); METHODS=a,b picks
+    "dreambooth": (dreambooth, 2e-5, {}),
+    "custom-diffusion": (custom_diffusion, 5e-4, {}),
+    # which half of Custom Diffusion does it: its K/V alone (the identifier's row all but frozen), or the row
+    "custom-diffusion-kv-only": (custom_diffusion, 5e-4, {"token_lr": 1e-12}),
+    "textual-inversion": (textual_inversion, 5e-3, {}),
 }
 
 steps = int(os.environ.get("STEPS", 300))
+methods = os.environ.get("METHODS", "dreambooth,custom-diffusion").split(",")
 pipe, scorer = load_pipeline(), ClipScorer()
 out_path = f"benchmarks/results/fine-tune-ceiling-{steps}.json"
 out = json.load(open(out_path)) if os.path.exists(out_path) else {}
@@ -48,20 +52,23 @@ for name in sys.argv[1:]:
     objective = concept_objective(pipe, images, token="sks", class_word=subject.class_word, config=FindConfig(),
                                   subject_prompts=subject_prompts, class_prompts=class_prompts,
                                   cache_dir="runs/class-cache")
-    rows, entry = [refs], {}
-    for method, (module, lr) in METHODS.items():
+    rows, entry = [refs], out.get(name, {})
+    for method in methods:
+        module, lr, extra = METHODS[method]
         started = time.time()
-        weights = module.train(pipe, objective, steps=steps, lr=lr, disable=True)
+        weights = module.train(pipe, objective, steps=steps, lr=lr, disable=True, **extra)
         seconds = time.time() - started
         with module.applied(pipe, weights):
             scored = score_subject(pipe, scorer, subject, detector, "sks", range(4))
         entry[method] = {"subject_rate": scored["subject_rate"], "image_alignment": scored["image_alignment"],
-                         "text_alignment": scored["text_alignment"], "lr": lr, "train_seconds": seconds}
+                         "text_alignment": scored["text_alignment"], "lr": lr, **extra, "train_seconds": seconds}
         rows.append(scored["images"][0])
         print(name, method, json.dumps(entry[method]), flush=True)
-    out[name] = entry
-    tmp = out_path + ".tmp"
+    # read again before writing: another run of this script may have added subjects meanwhile
+    out = json.load(open(out_path)) if os.path.exists(out_path) else {}
+    out[name] = {**out.get(name, {}), **entry}
+    tmp = f"{out_path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=2)
     os.replace(tmp, out_path)
-    grid(rows, scale=2).save(f"benchmarks/results/fine-tune-ceiling-{steps}-{name}.png")
+    grid(rows, scale=2).save(f"benchmarks/results/fine-tune-ceiling-{steps}-{name}-{'-'.join(methods)}.png")
