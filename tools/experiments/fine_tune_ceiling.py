@@ -26,9 +26,9 @@ torch.set_num_threads(1)
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer
 from cones.find import FindConfig, concept_objective
-from cones.generate import grid
+from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
-from cones.world.concepts import references, score_subject, search_prompts, subject_detector
+from cones.world.concepts import eval_prompts, references, score_subject, search_prompts, subject_detector
 from cones.world.subjects import SUBJECTS
 
 METHODS = {  # each at the learning rate cones uses for it on this model (bench_paper); METHODS=a,b picks
@@ -60,8 +60,12 @@ for name in sys.argv[1:]:
         seconds = time.time() - started
         with module.applied(pipe, weights):
             scored = score_subject(pipe, scorer, subject, detector, "sks", range(4))
+            # the class prompts ("a circle on ...", no identifier): does the change reach them too?
+            class_images = [im for row in generate(pipe, eval_prompts(subject, None), range(4)) for im in row]
         entry[method] = {"subject_rate": scored["subject_rate"], "image_alignment": scored["image_alignment"],
-                         "text_alignment": scored["text_alignment"], "lr": lr, **extra, "train_seconds": seconds}
+                         "text_alignment": scored["text_alignment"],
+                         "class_subject_rate": float(detector.present(scorer.images(class_images)).float().mean()),
+                         "lr": lr, **extra, "train_seconds": seconds}
         rows.append(scored["images"][0])
         print(name, method, json.dumps(entry[method]), flush=True)
     # read again before writing: another run of this script may have added subjects meanwhile
