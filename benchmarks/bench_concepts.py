@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from results_io import RESULTS, save_results, write_atomic
+from results_io import RESULTS, resumed, save_results, write_atomic
 
 from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
@@ -82,12 +82,7 @@ def main() -> None:
                 "prior_weight": args.prior_weight,
                 "model": _model_id(pipe), "detector": "linear probe on decoded renders"}
     path = os.path.join(RESULTS, f"{args.name}.json")
-    results = {"settings": settings, "subjects": {}}
-    if os.path.exists(path):  # resume: subjects measured with the same settings are kept
-        with open(path) as f:
-            earlier = json.load(f)
-        if earlier["settings"] == settings:
-            results = earlier
+    results = resumed(args.name, settings)  # subjects measured with the same settings are kept
     rows = []
     for name in names:
         if name in results["subjects"]:

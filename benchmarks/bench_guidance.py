@@ -21,7 +21,7 @@ import os
 import time
 
 import torch
-from results_io import RESULTS, save_results, write_atomic
+from results_io import RESULTS, resumed, save_results, write_atomic
 
 from cones.evaluate import ClipScorer
 from cones.find import FindConfig, _model_id, find_concept
@@ -50,12 +50,7 @@ def main() -> None:
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "targets": FindConfig.targets,
                 "model": _model_id(pipe), "detector": "linear probe on decoded renders"}
     path = os.path.join(RESULTS, f"{args.name}.json")
-    results = {"settings": settings, "subjects": {}}
-    if os.path.exists(path):  # resume: subjects measured with the same settings are kept
-        with open(path) as f:
-            earlier = json.load(f)
-        if earlier["settings"] == settings:
-            results = earlier
+    results = resumed(args.name, settings)  # subjects measured with the same settings are kept
     for name in args.subjects:
         if name in results["subjects"]:
             continue
@@ -90,21 +85,18 @@ def main() -> None:
 
     columns = [f"{g:g}" for g in results["settings"]["guidance"]]
     sparsities = [0.0, *results["settings"]["sparsities"]]
-    lines = ["Subject detected (share of identifier-prompt images), unshut / shut at "
-             + " / ".join(f"{100 * s:g}%" for s in sparsities[1:]) + ", at each guidance scale:", "",
-             "| subject | " + " | ".join(f"guidance {c}" for c in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for name, e in results["subjects"].items():
-        cells = [" / ".join(f"{e['cells'][f'{c}/{s:g}']['subject_rate']:.0%}" for s in sparsities)
-                 for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Text alignment to the prompt without the identifier, same cells:", "",
-              "| subject | " + " | ".join(f"guidance {c}" for c in columns) + " |",
-              "|---|" + "---|" * len(columns)]
-    for name, e in results["subjects"].items():
-        cells = [" / ".join(f"{e['cells'][f'{c}/{s:g}']['text_alignment']:.3f}" for s in sparsities)
-                 for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = []
+    for metric, title, number in (
+        ("subject_rate", "Subject detected (share of identifier-prompt images), unshut / shut at "
+         + " / ".join(f"{100 * s:g}%" for s in sparsities[1:]) + ", at each guidance scale:", "{:.0%}"),
+        ("text_alignment", "Text alignment to the prompt without the identifier, same cells:", "{:.3f}"),
+    ):
+        lines += ([""] if lines else []) + [title, "", "| subject | " + " | ".join(
+            f"guidance {c}" for c in columns) + " |", "|---|" + "---|" * len(columns)]
+        for name, e in results["subjects"].items():
+            cells = [" / ".join(number.format(e["cells"][f"{c}/{s:g}"][metric]) for s in sparsities)
+                     for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     s = results["settings"]
     lines += ["", f"A2, {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}+{s['batch_size']}, "
               f"{s['targets']} K/V; one search per subject, thresholded at each sparsity; {len(s['seeds'])} seeds "

@@ -26,3 +26,14 @@ def save_results(name: str, report: dict, table: str, folder: str | os.PathLike 
     write_atomic(Path(folder) / f"{name}.json", json.dumps(report, indent=2) + "\n")
     write_atomic(Path(folder) / f"{name}.md", table if table.endswith("\n") else table + "\n")
     print(table)
+
+
+def resumed(name: str, settings: dict, folder: str | os.PathLike = RESULTS) -> dict:
+    """`{"settings": settings, "subjects": {...}}`: the subjects of an earlier NAME.json measured with equal
+    settings, so that an interrupted per-subject benchmark goes on where it stopped; else none."""
+    path = Path(folder) / f"{name}.json"
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier.get("settings") == settings:
+            return earlier
+    return {"settings": settings, "subjects": {}}
