@@ -48,9 +48,9 @@ def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150,
                   sparsity: float = 0.01):
     """The concept of a world subject found with `find_concept` (FindConfig defaults but `steps` and
     `sparsity`), cached."""
-    from cones.find import FindConfig, _model_id, find_concept
+    from cones.find import FindConfig, _model_id
     from cones.neurons import ConceptNeurons
-    from cones.world.concepts import references, search_prompts
+    from cones.world.concepts import find_subject_concept
     from cones.world.subjects import SUBJECTS as CATALOGUE
 
     subject = CATALOGUE[subject_name]
@@ -61,19 +61,7 @@ def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150,
     path = CONCEPT_CACHE / f"{subject_name}-{token}-{steps}-{key}.cones"  # key: model and whole config
     if path.exists():
         return ConceptNeurons.load(path)
-    images, _, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, token)
-    result = find_concept(
-        pipe,
-        images,
-        token=token,
-        class_word=subject.class_word,
-        config=config,
-        subject_prompts=subject_prompts,
-        class_prompts=class_prompts,
-        cache_dir=str(CLASS_CACHE),
-        disable=True,
-    )
+    result = find_subject_concept(pipe, subject, config, token=token, cache_dir=str(CLASS_CACHE))
     CONCEPT_CACHE.mkdir(parents=True, exist_ok=True)
     result.concept.metadata["subject"] = subject_name
     result.concept.save(path, overwrite=True)

@@ -27,10 +27,16 @@ from results_io import RESULTS, resumed, save_results, write_atomic
 
 from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig, _model_id, find_concept
+from cones.find import FindConfig, _model_id
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
-from cones.world.concepts import eval_prompts, references, score_subject, search_prompts, subject_detector
+from cones.world.concepts import (
+    eval_prompts,
+    find_subject_concept,
+    references,
+    score_subject,
+    subject_detector,
+)
 from cones.world.subjects import SUBJECTS
 
 
@@ -89,16 +95,11 @@ def main() -> None:
             continue
         subject = SUBJECTS[name]
         detector = subject_detector(scorer, subject, vae=pipe.vae)
-        images, pictures, _ = references(subject)
-        subject_prompts, class_prompts = search_prompts(subject, "sks")
+        _, pictures, _ = references(subject)
         started = time.time()
-        result = find_concept(
-            pipe, images, token="sks", class_word=subject.class_word,
-            config=FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity),
-                              prior_weight=args.prior_weight),
-            subject_prompts=subject_prompts, class_prompts=class_prompts,
-            cache_dir=os.path.join("runs", "class-cache"), disable=True,
-        )
+        config = FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity),
+                            prior_weight=args.prior_weight)
+        result = find_subject_concept(pipe, subject, config, cache_dir=os.path.join("runs", "class-cache"))
         seconds = time.time() - started
         base = score_subject(pipe, scorer, subject, detector, "sks", seeds)
         before, seed_similarity = class_images(pipe, scorer, subject, seeds)

@@ -24,10 +24,10 @@ import torch
 from results_io import RESULTS, resumed, save_results, write_atomic
 
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig, _model_id, find_concept
+from cones.find import FindConfig, _model_id
 from cones.generate import grid
 from cones.pipeline import load_pipeline
-from cones.world.concepts import references, score_subject, search_prompts, subject_detector
+from cones.world.concepts import find_subject_concept, references, score_subject, subject_detector
 from cones.world.subjects import SUBJECTS
 
 METRICS = ("subject_rate", "image_alignment", "text_alignment")
@@ -56,15 +56,10 @@ def main() -> None:
             continue
         subject = SUBJECTS[name]
         detector = subject_detector(scorer, subject, vae=pipe.vae)
-        images, pictures, _ = references(subject)
-        subject_prompts, class_prompts = search_prompts(subject, "sks")
+        _, pictures, _ = references(subject)
         started = time.time()
-        result = find_concept(
-            pipe, images, token="sks", class_word=subject.class_word,
-            config=FindConfig(steps=args.steps, sparsity=max(args.sparsity)),
-            subject_prompts=subject_prompts, class_prompts=class_prompts,
-            cache_dir=os.path.join("runs", "class-cache"), disable=True,
-        )
+        result = find_subject_concept(pipe, subject, FindConfig(steps=args.steps, sparsity=max(args.sparsity)),
+                                      cache_dir=os.path.join("runs", "class-cache"))
         entry = {"detector_auc": detector.auc, "search_seconds": time.time() - started, "cells": {}}
         rows = [pictures]
         for guidance in args.guidance:

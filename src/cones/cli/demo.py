@@ -41,10 +41,10 @@ def run(args) -> int:
 
     from cones.cli import UsageError
     from cones.evaluate import ClipScorer
-    from cones.find import FindConfig, find_concept
+    from cones.find import FindConfig
     from cones.generate import grid, save_atomic
     from cones.pipeline import load_pipeline
-    from cones.world.concepts import references, score_subject, search_prompts, subject_detector
+    from cones.world.concepts import find_subject_concept, references, score_subject, subject_detector
     from cones.world.subjects import SUBJECTS
 
     report_path = os.path.join(args.out, "report.json")
@@ -69,12 +69,10 @@ def run(args) -> int:
 
     # 2. The search, from the 5 reference images.
     print(f"[2/4] searching concept neurons ({config.steps} steps, {100 * config.sparsity:.1f}% of cross-attention K/V)")
-    images, pictures, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, args.token)
+    _, pictures, _ = references(subject)
     t = time.time()
-    result = find_concept(pipe, images, token=args.token, class_word=subject.class_word, config=config,
-                          subject_prompts=subject_prompts, class_prompts=class_prompts,
-                          cache_dir=os.path.join(args.out, "class-images"))
+    result = find_subject_concept(pipe, subject, config, token=args.token,
+                                  cache_dir=os.path.join(args.out, "class-images"), disable=False)
     search_seconds = time.time() - t
     concept = result.concept
     concept.metadata.update({"base_model": "cones-world", "world_subject": subject.name,

@@ -63,6 +63,19 @@ def search_prompts(subject: Subject, token: str) -> tuple[list[str] | None, list
     return subject_prompts, class_prompts
 
 
+def find_subject_concept(pipe, subject: Subject, config=None, token: str = "sks", cache_dir=None,
+                         disable: bool = True):
+    """`cones.find.find_concept` on a world subject: its 5 references, per-image prompts for accessories,
+    its class prompts for the prior; returns the `SearchResult`."""
+    from cones.find import find_concept
+
+    images, _, _ = references(subject)
+    subject_prompts, class_prompts = search_prompts(subject, token)
+    return find_concept(pipe, images, token=token, class_word=subject.class_word, config=config,
+                        subject_prompts=subject_prompts, class_prompts=class_prompts, cache_dir=cache_dir,
+                        disable=disable)
+
+
 def subject_data(subject: Subject, token: str) -> SubjectData:
     """A world subject as the multi-subject searches take it: references, prompts and class prompts."""
     images, _, _ = references(subject)
