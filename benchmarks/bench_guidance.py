@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 from results_io import RESULTS, resumed, save_results, write_atomic
@@ -64,13 +65,8 @@ def main() -> None:
         rows = [pictures]
         for guidance in args.guidance:
             for sparsity in [0.0, *args.sparsity]:
-                concept = result.select(sparsity=sparsity) if sparsity else None
-                if concept is None:
+                with result.select(sparsity=sparsity).shut(pipe.unet) if sparsity else nullcontext():
                     scored = score_subject(pipe, scorer, subject, detector, "sks", seeds, guidance_scale=guidance)
-                else:
-                    with concept.shut(pipe.unet):
-                        scored = score_subject(pipe, scorer, subject, detector, "sks", seeds,
-                                               guidance_scale=guidance)
                 entry["cells"][f"{guidance:g}/{sparsity:g}"] = {k: scored[k] for k in METRICS}
                 rows.append(scored["images"][0])
         results["subjects"][name] = entry

@@ -10,9 +10,10 @@ Scores on the subject's identifier prompts, 4 seeds, guidance 7.5, the detector 
 cells match `bench_guidance.py`'s 7.5 column, which has the same prompts and seeds).
 
     python tools/experiments/fine_tune_ceiling.py striped-circle checkered-square   # STEPS=300
+    METHODS=custom-diffusion-kv-only,textual-inversion python tools/experiments/fine_tune_ceiling.py striped-circle
 
-Writes benchmarks/results/fine-tune-ceiling-STEPS.json and a grid per subject (references, DreamBooth,
-Custom Diffusion; first prompt, 4 seeds).
+Adds its subjects and methods to benchmarks/results/fine-tune-ceiling-STEPS.json, and writes a grid per
+subject and set of methods (references, then each method's first prompt, 4 seeds).
 """
 
 import json
@@ -20,15 +21,19 @@ import os
 import sys
 import time
 
+sys.path.insert(0, "benchmarks")
 import torch
 
 torch.set_num_threads(1)
+from results_io import write_atomic
+
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig, concept_objective
+from cones.find import FindConfig
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
-from cones.world.concepts import eval_prompts, references, score_subject, search_prompts, subject_detector
+from cones.refine import subject_objective
+from cones.world.concepts import eval_prompts, references, score_subject, subject_data, subject_detector
 from cones.world.subjects import SUBJECTS
 
 METHODS = {  # each at the learning rate cones uses for it on this model (bench_paper); METHODS=a,b picks
@@ -43,16 +48,12 @@ steps = int(os.environ.get("STEPS", 300))
 methods = os.environ.get("METHODS", "dreambooth,custom-diffusion").split(",")
 pipe, scorer = load_pipeline(), ClipScorer()
 out_path = f"benchmarks/results/fine-tune-ceiling-{steps}.json"
-out = json.load(open(out_path)) if os.path.exists(out_path) else {}
 for name in sys.argv[1:]:
     subject = SUBJECTS[name]
     detector = subject_detector(scorer, subject, vae=pipe.vae)
-    images, refs, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, "sks")
-    objective = concept_objective(pipe, images, token="sks", class_word=subject.class_word, config=FindConfig(),
-                                  subject_prompts=subject_prompts, class_prompts=class_prompts,
-                                  cache_dir="runs/class-cache")
-    rows, entry = [refs], out.get(name, {})
+    _, refs, _ = references(subject)
+    objective = subject_objective(pipe, subject_data(subject, "sks"), FindConfig(), cache_dir="runs/class-cache")
+    rows, entry = [refs], {}
     for method in methods:
         module, lr, extra = METHODS[method]
         started = time.time()
@@ -68,11 +69,8 @@ for name in sys.argv[1:]:
                          "lr": lr, **extra, "train_seconds": seconds}
         rows.append(scored["images"][0])
         print(name, method, json.dumps(entry[method]), flush=True)
-    # read again before writing: another run of this script may have added subjects meanwhile
+    # read just before writing: another run of this script may have added subjects or methods meanwhile
     out = json.load(open(out_path)) if os.path.exists(out_path) else {}
     out[name] = {**out.get(name, {}), **entry}
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, out_path)
+    write_atomic(out_path, json.dumps(out, indent=2))
     grid(rows, scale=2).save(f"benchmarks/results/fine-tune-ceiling-{steps}-{name}-{'-'.join(methods)}.png")
