@@ -46,6 +46,10 @@ METHODS = {  # each at the learning rate cones uses for it on this model (bench_
 
 steps = int(os.environ.get("STEPS", 300))
 methods = os.environ.get("METHODS", "dreambooth,custom-diffusion").split(",")
+unknown = [m for m in methods if m not in METHODS] + [n for n in sys.argv[1:] if n not in SUBJECTS]
+if unknown:
+    sys.exit(f"fine_tune_ceiling: unknown method or subject {unknown[0]!r}; methods (METHODS=a,b): "
+             f"{', '.join(METHODS)}; subjects: {', '.join(SUBJECTS)}.")
 pipe, scorer = load_pipeline(), ClipScorer()
 out_path = f"benchmarks/results/fine-tune-ceiling-{steps}.json"
 for name in sys.argv[1:]:
