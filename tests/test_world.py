@@ -20,7 +20,7 @@ from cones.world.scene import (
     sample_scene,
 )
 from cones.world.subjects import SUBJECTS, is_subject_free, sample_training_scene
-from cones.world.tokenizer import build_clip_tokenizer
+from cones.world.tokenizer import build_clip_tokenizer, restrict_to_words
 
 
 def test_world_has_the_promised_variety():
@@ -58,6 +58,21 @@ def test_every_caption_word_is_one_token(tmp_path):
     detail = build_clip_tokenizer(detailed_words(), str(tmp_path / "detail"), 64)
     for _ in range(100):
         assert detail.unk_token not in detail.tokenize(detailed_caption(sample_scene(rng)))
+
+
+def test_a_clip_tokenizer_cut_to_the_caption_words_keeps_their_ids_and_splits_the_rest(tmp_path):
+    """A UNet conditioned on the CLIP's text tower must not hear the detail words that would name subjects."""
+    full = build_clip_tokenizer(detailed_words(), str(tmp_path / "detail"), 64)
+    cut = restrict_to_words(str(tmp_path / "detail"), str(tmp_path / "cut"), caption_words(), 32)
+    for word in caption_words():
+        assert cut.tokenize(word) == full.tokenize(word) == [word + "</w>"]
+        assert cut.convert_tokens_to_ids(word + "</w>") == full.convert_tokens_to_ids(word + "</w>")
+    for word in ("stripes", "checkers", "dots", "halves", "face", "sunset", "band"):
+        assert len(cut.tokenize(word)) > 1 and len(full.tokenize(word)) == 1
+    rng = random.Random(0)
+    for _ in range(50):
+        text = caption(sample_scene(rng), rng)
+        assert cut(text).input_ids == full(text).input_ids
 
 
 def test_identifiers_are_rare_meaningless_words_in_captions():

@@ -5,8 +5,8 @@
 # current weights, and pack the result into $OUT. MODE=scratch trains everything anew instead.
 # MODE=recondition continues the UNet on the world CLIP's text tower, frozen, in place of its own text
 # encoder (Stable Diffusion's recipe; the shipped encoder gives every word the same state, README "Inside"),
-# so that its cross-attention learns to read words; a model made so is continued with MODE=frozen. That
-# tower also knows the CLIP's detail words ("stripes"), which then partly name the subjects: README, Training.
+# so that its cross-attention learns to read words; a model made so is continued with MODE=frozen. The
+# tower's tokenizer is cut to the caption words, so the CLIP's detail words ("stripes") name nothing.
 #
 #   run: bash tools/gpu_job.sh      carry: .whl (the diffusers 0.42.1 and importlib_metadata wheels)
 # Afterwards, here: cat $FILES/weights.tar.part* | tar -x -C /tmp/new && compare with benchmarks/bench_world.py.

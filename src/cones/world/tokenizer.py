@@ -55,3 +55,41 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str, model_max_length: i
     if split:
         raise RuntimeError(f"words not single tokens after training merges: {split[:5]}")
     return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def restrict_to_words(source: str, out_dir: str, words: Iterable[str], model_max_length: int) -> CLIPTokenizer:
+    """`source`'s tokenizer, same ids, with only `words` left whole: every other word loses its last merge
+    and its vocabulary entry, so it splits into pieces that no caption ever used.
+
+    Why: a UNet conditioned on the world CLIP's text tower should hear the diffusion captions' words alone. The
+    CLIP's detail words ("stripes", "dots") would otherwise reach it and name the very features the world
+    keeps unnamed; cut this way they arrive as untrained sub-word pieces, as a typo does in Stable Diffusion.
+    """
+    import json
+
+    keep = {w.lower() + "</w>" for w in words}
+    with open(os.path.join(source, "tokenizer.json")) as f:
+        spec = json.load(f)
+    model = spec["model"]
+    merges = [m if isinstance(m, list) else m.split(" ") for m in model["merges"]]
+    needed = set(keep)  # the kept words and every piece their merges pass through
+    for a, b in reversed(merges):
+        if a + b in needed:
+            needed |= {a, b}
+    cut = {token for token in model["vocab"] if token.endswith("</w>") and len(token) > 5 and token not in needed}
+    model["merges"] = [m for m in merges if m[0] + m[1] not in cut]
+    model["vocab"] = {token: i for token, i in model["vocab"].items() if token not in cut}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
+    tokenizer = CLIPTokenizer(vocab=os.path.join(out_dir, "vocab.json"), merges=os.path.join(out_dir, "merges.txt"),
+                              model_max_length=model_max_length)
+    tokenizer.save_pretrained(out_dir)
+    for word in cut:
+        if len(tokenizer.tokenize(word[: -len("</w>")])) < 2:
+            raise RuntimeError(f"{word!r} is still one token after cutting its merge.")
+    return CLIPTokenizer.from_pretrained(out_dir)

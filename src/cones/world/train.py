@@ -36,7 +36,7 @@ from cones.world import models
 from cones.world.render import render
 from cones.world.scene import caption, caption_words, detailed_caption, detailed_words
 from cones.world.subjects import sample_training_scene
-from cones.world.tokenizer import build_clip_tokenizer
+from cones.world.tokenizer import build_clip_tokenizer, restrict_to_words
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -151,7 +151,8 @@ def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None
 
     A model that is continued keeps its own vocabulary files (`sd_from`: a pipeline folder, `clip_from`: a
     CLIP folder): building them anew could number the same words differently. A text encoder taken from a
-    CLIP (`text_encoder_from`) comes with that CLIP's tokenizer, cut to the diffusion model's length."""
+    CLIP (`text_encoder_from`) comes with that CLIP's tokenizer and ids, cut to the diffusion model's length and
+    words (`restrict_to_words`: the CLIP's detail words would name what captions never name)."""
     made = []
     sd_source = text_encoder_from or (sd_from and os.path.join(sd_from, "tokenizer"))
     for name, words, length, source in (
@@ -160,8 +161,10 @@ def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None
     ):
         path = os.path.join(out, name)
         tower_defines_ids = name == "tokenizer" and text_encoder_from  # whatever files `out` held before
-        if source and (tower_defines_ids or not os.path.exists(os.path.join(path, "tokenizer.json"))):
+        if tower_defines_ids:
             shutil.rmtree(path, ignore_errors=True)
+            restrict_to_words(text_encoder_from, path, words, length)
+        elif source and not os.path.exists(os.path.join(path, "tokenizer.json")):
             CLIPTokenizer.from_pretrained(source, model_max_length=length).save_pretrained(path)
             copy_bpe_files(source, path)
         if os.path.exists(os.path.join(path, "tokenizer.json")):
