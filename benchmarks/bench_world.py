@@ -80,8 +80,8 @@ def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]
 def zero_shot_hits(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict],
                    attributes: tuple[str, ...] = tuple(ATTRIBUTES)) -> dict[str, list[bool]]:
     """Per image and attribute, whether the CLIP's choice among all the attribute's values (the prompt's other
-    words kept) is the prompt's."""
-    emb = scorer.images(images)
+    words kept) is the prompt's. The images are seen on four quarter-patch shifts as well (`grid_shifts`)."""
+    emb = scorer.images(images, grid_shifts=True)
     hits: dict[str, list[bool]] = {a: [] for a in attributes}
     for i, p in enumerate(prompts):
         for attr in attributes:

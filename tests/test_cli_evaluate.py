@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cones.cli import main
-from cones.evaluate import ClipScorer, score
+from cones.evaluate import ClipScorer, score, shifted_views
 from cones.neurons import ConceptNeurons
 from cones.prompts import (
     KINDS,
@@ -62,6 +62,36 @@ class Recording:
 
 # -- scoring against the definitions ----------------------------------------------------------------------
 
+
+
+def test_shifted_views_move_the_image_by_the_shift_and_repeat_its_edges():
+    pixels = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    views = shifted_views(pixels, 2)
+    assert len(views) == 5 and torch.equal(views[0], pixels)
+    by_hand = np.pad(pixels.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+    for view, (dx, dy) in zip(views, ((0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)), strict=True):
+        assert np.array_equal(view.numpy(), by_hand[..., 2 + dy : 8 + dy, 2 + dx : 8 + dx])
+    assert torch.equal(views[1][..., 2:], pixels[..., :-2])  # the content moved right, the left column repeated
+    assert torch.equal(views[1][..., 0], pixels[..., 0])
+    assert shifted_views(pixels, 0) == [pixels]
+
+
+def test_grid_shifts_embed_the_mean_of_the_shifted_images(scorer):
+    from PIL import Image
+
+    from cones.world.render import render
+    from cones.world.scene import Background, Scene, Thing
+
+    image = render(Scene(Background("sea"), (Thing("hexagon", "red", "small", x=0.4, y=0.6, radius=0.1),)))
+    shift = scorer.model.config.vision_config.patch_size // 4
+    padded = np.pad(image, ((shift, shift), (shift, shift), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    moved = [Image.fromarray(np.ascontiguousarray(padded[shift + dy : shift + dy + h, shift + dx : shift + dx + w]))
+             for dx, dy in ((0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift))]
+    by_hand = torch.nn.functional.normalize(scorer.images(moved).sum(0), dim=-1)
+    together = scorer.images([Image.fromarray(image)], grid_shifts=True)[0]
+    assert torch.allclose(together, by_hand, atol=1e-5)
+    assert not torch.allclose(together, scorer.images([Image.fromarray(image)])[0], atol=1e-3)
 
 def test_score_is_the_mean_of_cosines(scorer):
     circle = concepts.references(SUBJECTS["striped-circle"])[1]

@@ -60,13 +60,25 @@ class ClipScorer:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
 
     @torch.no_grad()
-    def images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
-        """(n, d) normalised image embeddings."""
+    def images(self, images: Sequence[Image.Image], batch_size: int = 64, grid_shifts: bool = False) -> torch.Tensor:
+        """(n, d) normalised image embeddings.
+
+        With `grid_shifts`, each is the mean over the image and four copies moved a quarter patch up, down,
+        left and right (edge pixels repeated): what a ViT makes of a small shape depends on where its patch
+        grid cuts it, and the mean does not. Zero-shot choices use it; the alignments keep the single view
+        that the paper and the literature measure with."""
+        normalize = torch.nn.functional.normalize
+
+        def embed(pixels: torch.Tensor) -> torch.Tensor:
+            return _features(self.model.get_image_features(pixel_values=pixels)).float()
+
+        shift = self.model.config.vision_config.patch_size // 4
         chunks = []
         for i in range(0, len(images), batch_size):
             pixels = self.preprocess(images[i : i + batch_size]).to(self.device)
-            chunks.append(_features(self.model.get_image_features(pixel_values=pixels)))
-        return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
+            chunks.append(sum(normalize(embed(v), dim=-1) for v in shifted_views(pixels, shift))
+                          if grid_shifts else embed(pixels))
+        return normalize(torch.cat(chunks), dim=-1)
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -74,6 +86,16 @@ class ClipScorer:
         ids = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         feats = _features(self.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def shifted_views(pixels: torch.Tensor, shift: int) -> list[torch.Tensor]:
+    """(n, 3, h, w) pixels, then the same moved `shift` pixels right, left, down and up, edges repeated."""
+    if shift < 1:
+        return [pixels]
+    h, w = pixels.shape[-2:]
+    padded = torch.nn.functional.pad(pixels, (shift, shift, shift, shift), mode="replicate")
+    offsets = ((0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift))  # (dx, dy) of the crop window
+    return [padded[..., shift + dy : shift + dy + h, shift + dx : shift + dx + w] for dx, dy in offsets]
 
 
 def _features(out) -> torch.Tensor:
