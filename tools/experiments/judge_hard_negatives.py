@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import replace
 
+import checkpoint
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -153,13 +154,8 @@ def main() -> None:
         p.requires_grad_(n.startswith(("vision_model", "visual_projection")))
     params = [p for p in clip.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.05)
-    checkpoint = os.path.join(OUT, "ckpt.pt")
-    step, spent, log = 0, 0.0, []
-    if os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=False)
-        clip.load_state_dict(state["clip"])
-        opt.load_state_dict(state["opt"])
-        step, spent, log = state["step"], state["spent"], state["log"]
+    ckpt = os.path.join(OUT, "ckpt.pt")
+    step, spent, log = checkpoint.resume(ckpt, clip=clip, opt=opt)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     gen = torch.Generator().manual_seed(300 + step)
@@ -176,10 +172,7 @@ def main() -> None:
         return torch.where(use[:, None, None, None], decoded[idx % len(decoded)], images[idx]), idx
 
     def save() -> None:
-        state = {"clip": clip.state_dict(), "opt": opt.state_dict(), "step": step, "spent": time.time() - start,
-                 "log": log}
-        torch.save(state, checkpoint + ".tmp")
-        os.replace(checkpoint + ".tmp", checkpoint)
+        checkpoint.save(ckpt, step, time.time() - start, log, clip=clip, opt=opt)
 
     clip.train()
     while time.time() - start < CAP:

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import replace
 
+import checkpoint
 import numpy as np
 import torch
 from transformers import CLIPModel, CLIPTokenizer
@@ -87,12 +88,7 @@ for n, p in clip.named_parameters():
 params = [p for p in clip.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.05)
 ck = os.path.join(OUT, "ckpt.pt")
-step, spent, log = 0, 0.0, []
-if os.path.exists(ck):
-    s = torch.load(ck, weights_only=False)
-    clip.load_state_dict(s["clip"])
-    opt.load_state_dict(s["opt"])
-    step, spent, log = s["step"], s["spent"], s["log"]
+step, spent, log = checkpoint.resume(ck, clip=clip, opt=opt)
 mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 gen = torch.Generator().manual_seed(300 + step)
@@ -103,15 +99,7 @@ clip.train()
 
 
 def save():
-    state = {
-        "clip": clip.state_dict(),
-        "opt": opt.state_dict(),
-        "step": step,
-        "spent": time.time() - t0,
-        "log": log,
-    }
-    torch.save(state, ck + ".tmp")
-    os.replace(ck + ".tmp", ck)
+    checkpoint.save(ck, step, time.time() - t0, log, clip=clip, opt=opt)
 
 
 while time.time() - t0 < CAP:

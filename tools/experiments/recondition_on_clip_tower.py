@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+import checkpoint
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -34,13 +35,7 @@ unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet").float().train(
 ema = copy.deepcopy(unet).requires_grad_(False)
 opt = torch.optim.AdamW(unet.parameters(), lr=2e-4, weight_decay=0.01)
 ck = os.path.join(OUT, "ckpt.pt")
-step, spent, log = 0, 0.0, []
-if os.path.exists(ck):
-    s = torch.load(ck, weights_only=False)
-    unet.load_state_dict(s["unet"])
-    ema.load_state_dict(s["ema"])
-    opt.load_state_dict(s["opt"])
-    step, spent, log = s["step"], s["spent"], s["log"]
+step, spent, log = checkpoint.resume(ck, unet=unet, ema=ema, opt=opt)
 sched = models.build_train_scheduler()
 al = sched.alphas_cumprod
 snr = al / (1 - al)
@@ -51,16 +46,7 @@ B = 32
 
 
 def save():
-    state = {
-        "unet": unet.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": opt.state_dict(),
-        "step": step,
-        "spent": time.time() - t0,
-        "log": log,
-    }
-    torch.save(state, ck + ".tmp")
-    os.replace(ck + ".tmp", ck)
+    checkpoint.save(ck, step, time.time() - t0, log, unet=unet, ema=ema, opt=opt)
 
 
 while time.time() - t0 < CAP:
