@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from results_io import RESULTS, resumed, save_results, write_atomic
+from results_io import DETECTOR_CACHE, RESULTS, resumed, save_results, write_atomic
 
 from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
@@ -94,7 +94,7 @@ def main() -> None:
         if name in results["subjects"]:
             continue
         subject = SUBJECTS[name]
-        detector = subject_detector(scorer, subject, vae=pipe.vae)
+        detector = subject_detector(scorer, subject, vae=pipe.vae, cache_dir=DETECTOR_CACHE)
         _, pictures, _ = references(subject)
         started = time.time()
         config = FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity),

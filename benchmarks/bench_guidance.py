@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 
 import torch
-from results_io import RESULTS, resumed, save_results, write_atomic
+from results_io import DETECTOR_CACHE, RESULTS, resumed, save_results, write_atomic
 
 from cones.evaluate import ClipScorer
 from cones.find import FindConfig, _model_id
@@ -56,7 +56,7 @@ def main() -> None:
         if name in results["subjects"]:
             continue
         subject = SUBJECTS[name]
-        detector = subject_detector(scorer, subject, vae=pipe.vae)
+        detector = subject_detector(scorer, subject, vae=pipe.vae, cache_dir=DETECTOR_CACHE)
         _, pictures, _ = references(subject)
         started = time.time()
         result = find_subject_concept(pipe, subject, FindConfig(steps=args.steps, sparsity=max(args.sparsity)),

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from results_io import RESULTS, save_results
+from results_io import DETECTOR_CACHE, RESULTS, save_results
 
 import cones
 from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifiers, text_alignment
@@ -304,7 +304,7 @@ def main() -> None:
     model_id = model_fingerprint(pipe)
     scorer = ClipScorer()
     names = sorted({n for c in COMPOSITIONS.values() for n in c}, key=list(TOKENS).index)
-    detectors = {n: subject_detector(scorer, SUBJECTS[n], vae=pipe.vae) for n in names}
+    detectors = {n: subject_detector(scorer, SUBJECTS[n], vae=pipe.vae, cache_dir=DETECTOR_CACHE) for n in names}
     subjects = {n: subject_data(n) for n in names}
     single_cfg = FindConfig(
         steps=s["single_steps"], batch_size=s["batch"], num_class_images=s["class_images"]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from results_io import RESULTS, save_results
+from results_io import DETECTOR_CACHE, RESULTS, save_results
 
 import cones
 from cones import GUIDANCE_SCALE, baselines
@@ -275,7 +275,8 @@ def main() -> None:
             subject_objective(pipe, data, find_cfg, seed=cfg.seed + i, cache_dir=args.cache_dir)
         )
         references[subject.name] = scorer.images(pictures)
-        detectors[subject.name] = concepts.subject_detector(scorer, subject, n=cfg.detector_renders, vae=pipe.vae)
+        detectors[subject.name] = concepts.subject_detector(scorer, subject, n=cfg.detector_renders, vae=pipe.vae,
+                                                                   cache_dir=DETECTOR_CACHE)
     times["setup (class images, detectors)"] = time.perf_counter() - t0
     log(f"setup: {times['setup (class images, detectors)']:.0f} s")
 

@@ -28,7 +28,7 @@ import time
 
 import torch
 from bench_attention import CLASS_CACHE, ROOT, TOKEN, world_concept
-from results_io import save_results
+from results_io import DETECTOR_CACHE, save_results
 
 OUT = ROOT / "runs" / "precision"
 VARIANTS = ("base", "binary", "quaternary", "float16", "float32")
@@ -111,7 +111,7 @@ def main() -> None:
         concept.save(cones_path, overwrite=True)
         cones_bytes = cones_path.stat().st_size
         objective = concept_objective(pipe, subject)
-        detector = subject_detector(scorer, subject, n=detector_n, vae=pipe.vae)
+        detector = subject_detector(scorer, subject, n=detector_n, vae=pipe.vae, cache_dir=DETECTOR_CACHE)
         for variant in VARIANTS:
             row = {
                 "subject": name,

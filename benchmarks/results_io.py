@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# Subject detectors fitted through the model's VAE, kept between runs (keyed by CLIP, VAE and renders).
+DETECTOR_CACHE = str(Path(__file__).parent.parent / "runs" / "detector-cache")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -234,6 +234,39 @@ def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_the
     assert detector.present(others).float().mean() < 0.2
 
 
+def test_a_cached_detector_is_read_back_whole_and_only_for_the_same_inputs(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from cones.evaluate import ClipScorer
+    from cones.world import concepts
+    from cones.world.subjects import SUBJECTS
+
+    vae = AutoencoderKL.from_pretrained(world.model_path(), subfolder="vae").eval()
+    scorer, subject = ClipScorer(), SUBJECTS["dotted-triangle"]
+    fitted = concepts.subject_detector(scorer, subject, n=8, n_fit=24, vae=vae, cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 1
+
+    def no_fitting(*args):
+        raise AssertionError("refitted a cached detector")
+
+    monkeypatch.setattr(concepts, "_fit_detector", no_fitting)
+    cached = concepts.subject_detector(scorer, subject, n=8, n_fit=24, vae=vae, cache_dir=str(tmp_path))
+    for field in ("references", "mean", "scale", "weight"):
+        assert torch.equal(getattr(cached, field), getattr(fitted, field))
+    for field in ("bias", "threshold", "auc", "similarity_auc", "decoded"):
+        assert getattr(cached, field) == getattr(fitted, field)
+    with pytest.raises(AssertionError, match="refitted"):  # other sizes, another subject, no VAE: a new key
+        concepts.subject_detector(scorer, subject, n=8, n_fit=32, vae=vae, cache_dir=str(tmp_path))
+    with pytest.raises(AssertionError, match="refitted"):
+        concepts.subject_detector(scorer, SUBJECTS["smiling-star"], n=8, n_fit=24, vae=vae, cache_dir=str(tmp_path))
+    with pytest.raises(AssertionError, match="refitted"):
+        concepts.subject_detector(scorer, subject, n=8, n_fit=24, cache_dir=str(tmp_path))
+    with torch.no_grad():  # another VAE
+        next(vae.parameters()).add_(1e-3)
+    with pytest.raises(AssertionError, match="refitted"):
+        concepts.subject_detector(scorer, subject, n=8, n_fit=24, vae=vae, cache_dir=str(tmp_path))
+
+
 def test_a_continued_model_keeps_its_vocabulary(tmp_path):
     from transformers import CLIPTokenizer
 

@@ -65,7 +65,7 @@ def run(args) -> int:
     print(f"[1/4] loading the embedded model and CLIP; subject: {subject.name} ({subject.description})")
     pipe = load_pipeline()
     scorer = ClipScorer()
-    detector = subject_detector(scorer, subject, vae=pipe.vae)
+    detector = subject_detector(scorer, subject, vae=pipe.vae, cache_dir=os.path.join(args.out, "detectors"))
 
     # 2. The search, from the 5 reference images.
     print(f"[2/4] searching concept neurons ({config.steps} steps, {100 * config.sparsity:.1f}% of cross-attention K/V)")

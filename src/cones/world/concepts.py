@@ -7,6 +7,9 @@ says whether a generated image shows the subject.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,11 +169,27 @@ def best_threshold(positives: np.ndarray, negatives: np.ndarray) -> float:
 
 
 def subject_detector(
-    scorer: ClipScorer, subject: Subject, n: int = 200, n_fit: int = 1000, vae=None
+    scorer: ClipScorer, subject: Subject, n: int = 200, n_fit: int = 1000, vae=None, cache_dir: str | None = None
 ) -> SubjectDetector:
     """Fit the probe on `n_fit` renders of the subject and as many of its class, then set its threshold and
     measure its ROC AUC on `n` other renders of each (seeds disjoint from the fitting ones). With `vae`, every
-    one of those renders is first passed through it: the detector to judge that model's generated images."""
+    one of those renders is first passed through it: the detector to judge that model's generated images.
+
+    With `cache_dir`, a detector fitted before from the same CLIP, VAE, renders and sizes is read back instead
+    (fitting one through a VAE takes about a minute of round trips on a CPU)."""
+    path = None
+    if cache_dir is not None:
+        key = detector_key(scorer, subject, n, n_fit, vae)
+        path = os.path.join(cache_dir, f"detector-{subject.name}-{key}.safetensors")
+        if os.path.exists(path):
+            return load_detector(path)
+    detector = _fit_detector(scorer, subject, n, n_fit, vae)
+    if path is not None:
+        save_detector(detector, path)
+    return detector
+
+
+def _fit_detector(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> SubjectDetector:
     def renders(n: int, seed: int) -> torch.Tensor:  # the subject's held-out renders
         return embed(scorer, pictures(subject.held_out(n, seed=seed)), vae)
 
@@ -187,6 +206,41 @@ def subject_detector(
     pos, neg = ((e @ refs.T).mean(1) - (e @ class_emb.T).mean(1) for e in (pos_emb, neg_emb))
     detector.similarity_auc = roc_auc(pos.numpy(), neg.numpy())
     return detector
+
+
+def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> str:
+    """A digest of everything a detector depends on: the CLIP's and the VAE's weights, the image
+    normalisation, the sizes, and the subject's renders (so a change to the renderer or the subject shows)."""
+    digest = hashlib.sha256(json.dumps([subject.name, n, n_fit, list(scorer.mean), list(scorer.std)]).encode())
+    for module in (scorer.model, vae):
+        for name, tensor in sorted(module.state_dict().items()) if module is not None else ():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    negatives = [(scene,) for scene in subject.class_negatives(2, seed=3)]
+    for image in pictures([*subject.references(), *subject.held_out(2, seed=1), *negatives]):
+        digest.update(np.asarray(image).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_detector(detector: SubjectDetector, path: str) -> None:
+    """Write a detector as safetensors (tensors, and its numbers as metadata), atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tensors = {k: getattr(detector, k).contiguous() for k in ("references", "mean", "scale", "weight")}
+    numbers = {k: getattr(detector, k) for k in ("bias", "threshold", "auc", "similarity_auc", "decoded")}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"detector": json.dumps(numbers)})
+    os.replace(tmp, path)
+
+
+def load_detector(path: str) -> SubjectDetector:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        numbers = json.loads(f.metadata()["detector"])
+    return SubjectDetector(**tensors, **numbers)
 
 
 def score_subject(
