@@ -275,8 +275,9 @@ def main() -> None:
             subject_objective(pipe, data, find_cfg, seed=cfg.seed + i, cache_dir=args.cache_dir)
         )
         references[subject.name] = scorer.images(pictures)
-        detectors[subject.name] = concepts.subject_detector(scorer, subject, n=cfg.detector_renders, vae=pipe.vae,
-                                                                   cache_dir=DETECTOR_CACHE)
+        detectors[subject.name] = concepts.subject_detector(
+            scorer, subject, n=cfg.detector_renders, vae=pipe.vae, cache_dir=DETECTOR_CACHE
+        )
     times["setup (class images, detectors)"] = time.perf_counter() - t0
     log(f"setup: {times['setup (class images, detectors)']:.0f} s")
 

@@ -63,7 +63,6 @@ class Recording:
 # -- scoring against the definitions ----------------------------------------------------------------------
 
 
-
 def test_shifted_views_move_the_image_by_the_shift_and_repeat_its_edges():
     pixels = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     views = shifted_views(pixels, 2)
@@ -92,6 +91,7 @@ def test_grid_shifts_embed_the_mean_of_the_shifted_images(scorer):
     together = scorer.images([Image.fromarray(image)], grid_shifts=True)[0]
     assert torch.allclose(together, by_hand, atol=1e-5)
     assert not torch.allclose(together, scorer.images([Image.fromarray(image)])[0], atol=1e-3)
+
 
 def test_score_is_the_mean_of_cosines(scorer):
     circle = concepts.references(SUBJECTS["striped-circle"])[1]

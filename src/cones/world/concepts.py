@@ -211,11 +211,11 @@ def _fit_detector(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae)
 def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> str:
     """A digest of everything a detector depends on: the CLIP's and the VAE's weights, the image
     normalisation, the sizes, and the subject's renders (so a change to the renderer or the subject shows)."""
-    digest = hashlib.sha256(json.dumps([subject.name, n, n_fit, list(scorer.mean), list(scorer.std)]).encode())
-    for module in (scorer.model, vae):
-        for name, tensor in sorted(module.state_dict().items()) if module is not None else ():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    from cones.world.train import weights_fingerprint
+
+    weights = [weights_fingerprint(scorer.model), weights_fingerprint(vae) if vae is not None else None]
+    settings = [subject.name, n, n_fit, list(scorer.mean), list(scorer.std), weights]
+    digest = hashlib.sha256(json.dumps(settings).encode())
     negatives = [(scene,) for scene in subject.class_negatives(2, seed=3)]
     for image in pictures([*subject.references(), *subject.held_out(2, seed=1), *negatives]):
         digest.update(np.asarray(image).tobytes())

@@ -337,10 +337,11 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor):
     return vae, phase.log
 
 
-def vae_fingerprint(vae) -> str:
-    """A short hash of the VAE's weights: what the cached latents and decoded images were made with."""
+def weights_fingerprint(module) -> str:
+    """A short hash of a module's weights: what the cached latents, decoded images and detectors were made
+    with."""
     digest = hashlib.sha1()
-    for p in vae.state_dict().values():
+    for p in module.state_dict().values():
         digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:12]
 
@@ -368,7 +369,7 @@ def encode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
                 out.append(vae.encode(to_pixels(images[i : i + 1024])).latent_dist.mean.float().cpu())
         return torch.cat(out) * vae.config.scaling_factor
 
-    path = os.path.join(cfg.out, f"latents-{len(images)}-{vae_fingerprint(vae)}.pt")
+    path = os.path.join(cfg.out, f"latents-{len(images)}-{weights_fingerprint(vae)}.pt")
     return cached(path, compute).to(cfg.device)
 
 
@@ -386,7 +387,7 @@ def decode_pool(cfg: TrainConfig, vae, images: torch.Tensor) -> torch.Tensor:
                 out.append(vae_roundtrip(vae, images[i : min(n, i + 512)]).cpu())
         return torch.cat(out)
 
-    path = os.path.join(cfg.out, f"decoded-{n}-{vae_fingerprint(vae)}.pt")
+    path = os.path.join(cfg.out, f"decoded-{n}-{weights_fingerprint(vae)}.pt")
     return cached(path, compute).to(cfg.device)
 
 
