@@ -5,7 +5,7 @@ On the embedded world model, for several object subjects:
 1. find the subject's concept (`cones.find.find_concept` on its 5 reference renders, identifier "sks";
    cached under runs/concepts/);
 2. take held-out renders of the subject, whose object mask is known exactly from the scene
-   (`cones.attention.thing_mask`); a generated image has no mask, so the measurement runs on these renders:
+   (`cones_world.render.thing_mask`); a generated image has no mask, so the measurement runs on these renders:
    each is noised to `strength` of the schedule and denoised with the subject prompt ("a sks circle"),
    once with the base model ("before") and once with the concept shut ("after"), recording the
    cross-attention maps at 64 x 64 (`attention_maps_for_image`);
@@ -50,8 +50,8 @@ def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150,
     `sparsity`), cached."""
     from cones.find import FindConfig, _model_id
     from cones.neurons import ConceptNeurons
-    from cones.world.concepts import find_subject_concept
-    from cones.world.subjects import SUBJECTS as CATALOGUE
+    from cones_world.concepts import find_subject_concept
+    from cones_world.subjects import SUBJECTS as CATALOGUE
 
     subject = CATALOGUE[subject_name]
     config = FindConfig(steps=steps, seed=seed, sparsity=sparsity)
@@ -146,10 +146,11 @@ def main() -> None:
     strengths = (0.6,) if args.quick else (0.4, 0.6, 0.8)
     steps = 25
 
-    from cones.attention import attention_figure, attention_maps, attention_maps_for_image, thing_mask
+    from cones.attention import attention_figure, attention_maps, attention_maps_for_image
     from cones.pipeline import load_pipeline
-    from cones.world.concepts import pictures
-    from cones.world.subjects import SUBJECTS as CATALOGUE
+    from cones_world.concepts import pictures
+    from cones_world.render import thing_mask
+    from cones_world.subjects import SUBJECTS as CATALOGUE
 
     started = time.perf_counter()
     pipe = load_pipeline(args.model)

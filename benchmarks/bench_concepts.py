@@ -30,14 +30,14 @@ from cones.evaluate import ClipScorer
 from cones.find import FindConfig, _model_id
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
-from cones.world.concepts import (
+from cones_world.concepts import (
     eval_prompts,
     find_subject_concept,
     references,
     score_subject,
     subject_detector,
 )
-from cones.world.subjects import SUBJECTS
+from cones_world.subjects import SUBJECTS
 
 
 def flat(rows):

@@ -28,8 +28,8 @@ from cones.evaluate import ClipScorer
 from cones.find import FindConfig, _model_id
 from cones.generate import grid
 from cones.pipeline import load_pipeline
-from cones.world.concepts import find_subject_concept, references, score_subject, subject_detector
-from cones.world.subjects import SUBJECTS
+from cones_world.concepts import find_subject_concept, references, score_subject, subject_detector
+from cones_world.subjects import SUBJECTS
 
 METRICS = ("subject_rate", "image_alignment", "text_alignment")
 

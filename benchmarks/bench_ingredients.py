@@ -6,7 +6,7 @@ and captions never mention them, so a plain prompt ("a blue square on a gray bac
 whole training distribution of blue squares, patterned ones included. A model that has learned it draws
 the ingredients about as often as the renders show them; one that has not draws plain fills.
 
-For each ingredient, a linear probe on the world CLIP's image embeddings (`cones.world.concepts.fit_probe`)
+For each ingredient, a linear probe on the world CLIP's image embeddings (`cones_world.concepts.fit_probe`)
 is fitted on single-object renders with it against the same renders without it, its threshold and ROC AUC
 measured on other renders. It then counts the ingredient in:
   - renders drawn from the training distribution for the same plain prompts (what a perfect model draws);
@@ -42,9 +42,9 @@ from cones import GUIDANCE_SCALE  # noqa: E402
 from cones.evaluate import ClipScorer, roc_auc  # noqa: E402
 from cones.generate import generate  # noqa: E402
 from cones.pipeline import load_pipeline  # noqa: E402
-from cones.world.concepts import best_threshold, fit_probe, through_vae  # noqa: E402
-from cones.world.render import render  # noqa: E402
-from cones.world.scene import TONES, Background, Scene, Thing, place, radius_for, sample_thing  # noqa: E402
+from cones_world.concepts import best_threshold, fit_probe, through_vae  # noqa: E402
+from cones_world.render import render  # noqa: E402
+from cones_world.scene import TONES, Background, Scene, Thing, place, radius_for, sample_thing  # noqa: E402
 
 # Each ingredient: whether a thing has it. A probe for one is fitted against renders with every other look
 # (plain, the other ingredients), so that it answers for that ingredient, not for "anything but plain".

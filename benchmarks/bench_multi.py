@@ -10,7 +10,7 @@ Compositions of 2, 3 and 4 world subjects, each with its own identifier:
 For each composition and method, images for several prompts and seeds are scored as the paper does:
 image alignment to each subject's references and its mean over subjects, text alignment to the prompt
 without identifiers, and, what the paper cannot measure, the share of images in which each subject's
-detector (`cones.world.concepts.subject_detector`, calibrated on single-subject renders) sees it, and in
+detector (`cones_world.concepts.subject_detector`, calibrated on single-subject renders) sees it, and in
 which all subjects are seen at once. Methods:
 
     base           the base model, same prompts, no concept
@@ -75,7 +75,7 @@ from cones.refine import (
 )
 from cones.storage import load_concept_file, save_concept
 from cones.switching import shut
-from cones.world.concepts import (
+from cones_world.concepts import (
     SubjectDetector,
     best_threshold,
     embed,
@@ -83,10 +83,10 @@ from cones.world.concepts import (
     references,
     subject_detector,
 )
-from cones.world.concepts import subject_data as world_subject_data
-from cones.world.render import render
-from cones.world.scene import RELATIONS, SIZES, Scene, place, radius_for
-from cones.world.subjects import SUBJECTS
+from cones_world.concepts import subject_data as world_subject_data
+from cones_world.render import render
+from cones_world.scene import RELATIONS, SIZES, Scene, place, radius_for
+from cones_world.subjects import SUBJECTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "runs" / "multi"

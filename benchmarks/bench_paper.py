@@ -52,12 +52,13 @@ from cones.evaluate import ClipScorer, score
 from cones.find import FindConfig
 from cones.generate import generate
 from cones.objective import SumObjective
-from cones.prompts import SubjectSlot, composition_prompts, world_captions
+from cones.prompts import SubjectSlot, composition_prompts
 from cones.refine import SubjectData, concatenate, refine_concepts, subject_objective
 from cones.search import find_concept_neurons
 from cones.storage import save_concept
-from cones.world import concepts
-from cones.world.subjects import SUBJECTS
+from cones_world import concepts
+from cones_world.scene import training_captions
+from cones_world.subjects import SUBJECTS
 
 SUBJECT_ORDER = (
     ("striped-circle", "sks"),
@@ -345,7 +346,7 @@ def main() -> None:
             )
         )
         cd_single_times.append(times[f"custom_diffusion single {subjects[i].name}"])
-    reg = world_captions(cfg.reg_captions, seed=cfg.seed)
+    reg = training_captions(cfg.reg_captions, seed=cfg.seed)
     for n in range(2, 5):
         merged = timed(
             f"custom_diffusion merge {n}",

@@ -10,7 +10,7 @@ bench_attention.py, cached under runs/concepts/) is used
 
 and the base model without a concept is measured for reference. For each variant: CLIP image alignment to the
 references, text alignment to the prompts without the identifier, the share of images in which the world's
-subject detector sees the subject (all from `cones.world.concepts.score_subject`, 6 prompts x the seeds),
+subject detector sees the subject (all from `cones_world.concepts.score_subject`, 6 prompts x the seeds),
 the concept-implanting loss on held-out draws (same draws for every variant), and the storage: the `.cones`
 file (indices, rice-coded) plus the `.cones-values` file (values), in bytes on disk.
 
@@ -39,7 +39,7 @@ def concept_objective(pipe, subject, seed: int = 0):
     from cones.find import FindConfig, class_images
     from cones.images import to_tensor
     from cones.objective import ConceptObjective, ObjectiveConfig
-    from cones.world.concepts import references, search_prompts
+    from cones_world.concepts import references, search_prompts
 
     cfg = FindConfig(seed=seed)
     images, _, _ = references(subject)
@@ -96,8 +96,8 @@ def main() -> None:
     from cones.evaluate import ClipScorer
     from cones.pipeline import load_pipeline
     from cones.precision import TunedConcept, tune_values
-    from cones.world.concepts import score_subject, subject_detector
-    from cones.world.subjects import SUBJECTS
+    from cones_world.concepts import score_subject, subject_detector
+    from cones_world.subjects import SUBJECTS
 
     started = time.perf_counter()
     pipe = load_pipeline()

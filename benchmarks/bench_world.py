@@ -33,10 +33,10 @@ from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
 from cones.generate import generate
 from cones.pipeline import load_pipeline
-from cones.world.concepts import embed, eval_prompts, pictures, subject_detector, through_vae
-from cones.world.render import render
-from cones.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
-from cones.world.subjects import SUBJECTS
+from cones_world.concepts import embed, eval_prompts, pictures, subject_detector, through_vae
+from cones_world.render import render
+from cones_world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
+from cones_world.subjects import SUBJECTS
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
 OTHER_GUIDANCE = tuple(g for g in (3.0, 5.0, 7.5, 10.0) if g != GUIDANCE_SCALE)
@@ -57,7 +57,7 @@ def prompt_of(p: dict) -> str:
 
 def canonical_render(p: dict, rng: random.Random) -> Image.Image:
     """The plain render of a prompt: solid fill, no face or hat, a day sky without sun."""
-    from cones.world.scene import radius_for
+    from cones_world.scene import radius_for
 
     thing = Thing(p["shape"], p["colour"], p["size"], radius=radius_for(p["size"], rng, False))
     scene = Scene(Background(p["background"], horizon=rng.uniform(0.45, 0.7)), place([thing], None, rng))

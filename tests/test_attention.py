@@ -18,13 +18,13 @@ from cones.attention import (
     attention_share,
     heatmap,
     resample,
-    thing_mask,
     top_iou,
 )
 from cones.cli import main
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
 from cones.targets import target_parameters
+from cones_world.render import thing_mask
 
 STEPS = 3
 
@@ -153,8 +153,8 @@ def test_maps_of_a_given_image(tiny_pipe):
 
 
 def test_thing_mask_matches_the_rendered_pixels():
-    from cones.world.render import render
-    from cones.world.scene import COLOURS, PLAIN_BACKGROUNDS, Background, Scene, Thing
+    from cones_world.render import render
+    from cones_world.scene import COLOURS, PLAIN_BACKGROUNDS, Background, Scene, Thing
 
     for shape in ("circle", "star", "heart", "square", "triangle"):
         thing = Thing(shape, "red", "big", x=0.45, y=0.55, radius=0.25)

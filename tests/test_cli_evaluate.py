@@ -23,14 +23,13 @@ from cones.prompts import (
     SubjectSlot,
     composition_prompts,
     prompt_set,
-    unknown_world_words,
-    world_captions,
+    unknown_words,
 )
 from cones.storage import save_concept
 from cones.targets import parameter_shapes
-from cones.world import concepts
-from cones.world.scene import caption_words
-from cones.world.subjects import SUBJECTS
+from cones_world import concepts
+from cones_world.scene import caption_words, training_captions
+from cones_world.subjects import SUBJECTS
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +77,8 @@ def test_shifted_views_move_the_image_by_the_shift_and_repeat_its_edges():
 def test_grid_shifts_embed_the_mean_of_the_shifted_images(scorer):
     from PIL import Image
 
-    from cones.world.render import render
-    from cones.world.scene import Background, Scene, Thing
+    from cones_world.render import render
+    from cones_world.scene import Background, Scene, Thing
 
     image = render(Scene(Background("sea"), (Thing("hexagon", "red", "small", x=0.4, y=0.6, radius=0.1),)))
     shift = scorer.model.config.vision_config.patch_size // 4
@@ -321,9 +320,9 @@ def test_world_prompts_use_only_the_world_vocabulary():
     for kind in KINDS:
         for prompt in prompt_set(kind, "sks", word_for[kind]):
             assert set(prompt.replace(",", " , ").split()) <= known, prompt
-    assert unknown_world_words(["a sks dog in the snow"]) == ["dog", "in", "the", "snow"]
-    assert unknown_world_words(world_captions(50)) == []
-    assert not any(t in c.split() for c in world_captions(200) for t in ("sks", "xqz", "vlt", "pqm", "zrb"))
+    assert unknown_words(["a sks dog in the snow"], known) == ["dog", "in", "the", "snow"]
+    assert unknown_words(training_captions(50), known) == []
+    assert not any(t in c.split() for c in training_captions(200) for t in ("sks", "xqz", "vlt", "pqm", "zrb"))
 
 
 def test_composition_prompts_name_every_subject_once_in_world_words():

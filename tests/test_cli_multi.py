@@ -191,7 +191,7 @@ def test_refine_errors_are_one_line_and_come_before_the_model_loads(concept_file
 
 @pytest.mark.slow
 def test_refine_world_subjects_on_the_embedded_model(tmp_path, capsys):
-    from cones import world
+    import cones_world as world
     from cones.pipeline import load_pipeline
 
     shapes = parameter_shapes(load_pipeline(world.model_path()).unet, "cross")

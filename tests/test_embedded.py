@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from cones import world
+import cones_world as world
 
 
 def test_shipped_weights_are_small():
@@ -35,8 +35,8 @@ def test_clip_loads_and_prefers_the_true_caption():
     from PIL import Image
 
     from cones.evaluate import ClipScorer
-    from cones.world.render import render
-    from cones.world.scene import Background, Scene, Thing
+    from cones_world.render import render
+    from cones_world.scene import Background, Scene, Thing
 
     scorer = ClipScorer()
     scene = Scene(Background("grass"), (Thing("square", "blue", "big", x=0.5, y=0.6, radius=0.25),))
@@ -51,7 +51,7 @@ def test_training_code_runs_every_phase_and_exports(tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
 
-    from cones.world.train import TrainConfig, train
+    from cones_world.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=48, workers=1, vae_steps=2, vae_batch=4,
                       unet_steps=2, unet_batch=4, clip_steps=2, clip_batch=8, checkpoint_every=1)
@@ -83,8 +83,8 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from cones.world import models
-    from cones.world.train import TrainConfig, train
+    from cones_world import models
+    from cones_world.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, unet_steps=2, unet_batch=4,
                       init_from=world.model_path(), text_encoder_from=world.clip_path(), checkpoint_every=1)
@@ -112,7 +112,7 @@ def test_a_clip_can_learn_the_diffusion_captions_alone(tmp_path):
     """A text tower to condition a UNet on must not know the detail words that would name the subjects."""
     from transformers import CLIPModel
 
-    from cones.world.train import TrainConfig, train
+    from cones_world.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, clip_steps=2, clip_batch=8,
                       clip_captions="diffusion", init_from=world.model_path())
@@ -131,7 +131,7 @@ def test_a_clip_can_learn_the_diffusion_captions_alone(tmp_path):
 def test_a_text_encoder_source_that_cannot_serve_is_refused_before_any_work(tmp_path):
     from transformers import CLIPTextConfig
 
-    from cones.world.train import TrainConfig, train
+    from cones_world.train import TrainConfig, train
 
     with pytest.raises(FileNotFoundError, match="has no config.json; pass a transformers CLIPModel folder"):
         train(TrainConfig(out=str(tmp_path / "run"), text_encoder_from=str(tmp_path)), ("unet",))
@@ -144,7 +144,7 @@ def test_a_text_encoder_source_that_cannot_serve_is_refused_before_any_work(tmp_
 def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):
     """The wall-clock cap and the cosine schedule count the seconds of every run of a phase, so that an
     interrupted time-capped run does not start its learning rate over when it resumes."""
-    from cones.world.train import Phase, TrainConfig
+    from cones_world.train import Phase, TrainConfig
 
     cfg = TrainConfig(out=str(tmp_path), phase_seconds={"unet": 100.0})
     layer = torch.nn.Linear(2, 2)
@@ -166,7 +166,7 @@ def test_a_resumed_phase_goes_on_with_the_time_already_spent(tmp_path):
 
 def test_the_probe_finds_the_one_direction_that_separates_two_classes():
     from cones.evaluate import roc_auc
-    from cones.world.concepts import fit_probe
+    from cones_world.concepts import fit_probe
 
     g = torch.Generator().manual_seed(0)
 
@@ -185,7 +185,7 @@ def test_the_probe_finds_the_one_direction_that_separates_two_classes():
 
 
 def test_the_threshold_splits_two_separated_sets_in_the_middle_of_their_gap():
-    from cones.world.concepts import best_threshold
+    from cones_world.concepts import best_threshold
 
     assert best_threshold(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.5
     assert best_threshold(np.array([0.0, 1.0, 3.0]), np.array([-1.0])) == -0.5  # everything above a lone negative
@@ -195,8 +195,8 @@ def test_the_threshold_splits_two_separated_sets_in_the_middle_of_their_gap():
 
 def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():
     from cones.evaluate import ClipScorer
-    from cones.world.concepts import pictures, subject_detector
-    from cones.world.subjects import SUBJECTS
+    from cones_world.concepts import pictures, subject_detector
+    from cones_world.subjects import SUBJECTS
 
     scorer = ClipScorer()
     subject = SUBJECTS["striped-circle"]
@@ -212,8 +212,8 @@ def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_the
     from diffusers import AutoencoderKL
 
     from cones.evaluate import ClipScorer
-    from cones.world.concepts import pictures, subject_detector, through_vae
-    from cones.world.subjects import SUBJECTS
+    from cones_world.concepts import pictures, subject_detector, through_vae
+    from cones_world.subjects import SUBJECTS
 
     vae = AutoencoderKL.from_pretrained(world.model_path(), subfolder="vae").eval()
     renders = pictures(SUBJECTS["striped-circle"].held_out(3, seed=7))
@@ -238,8 +238,8 @@ def test_a_cached_detector_is_read_back_whole_and_only_for_the_same_inputs(tmp_p
     from diffusers import AutoencoderKL
 
     from cones.evaluate import ClipScorer
-    from cones.world import concepts
-    from cones.world.subjects import SUBJECTS
+    from cones_world import concepts
+    from cones_world.subjects import SUBJECTS
 
     vae = AutoencoderKL.from_pretrained(world.model_path(), subfolder="vae").eval()
     scorer, subject = ClipScorer(), SUBJECTS["dotted-triangle"]
@@ -270,7 +270,7 @@ def test_a_cached_detector_is_read_back_whole_and_only_for_the_same_inputs(tmp_p
 def test_a_continued_model_keeps_its_vocabulary(tmp_path):
     from transformers import CLIPTokenizer
 
-    from cones.world.train import world_tokenizers
+    from cones_world.train import world_tokenizers
 
     sd = os.path.join(world.WEIGHTS, "sd")
     clip = os.path.join(world.WEIGHTS, "clip")
@@ -281,7 +281,7 @@ def test_a_continued_model_keeps_its_vocabulary(tmp_path):
 
 
 def test_exporting_a_run_that_never_trained_the_unet_says_so(tmp_path):
-    from cones.world.train import TrainConfig, train
+    from cones_world.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=8, workers=1, vae_steps=1, vae_batch=4,
                       init_from=os.path.join(world.WEIGHTS, "sd"))
@@ -292,7 +292,7 @@ def test_exporting_a_run_that_never_trained_the_unet_says_so(tmp_path):
 def test_decoded_images_keep_their_own_captions():
     """The CLIP sees some pool images as the VAE returns them; each batch image still carries the index of
     the pool image it shows, so it is paired with that image's captions."""
-    from cones.world.train import with_decoded
+    from cones_world.train import with_decoded
 
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3)
     decoded = 100 + images[:4]  # decoded copies exist for the first four pool images only
@@ -304,7 +304,7 @@ def test_decoded_images_keep_their_own_captions():
 
 
 def test_the_clip_phase_can_see_decoded_images_and_caches_them(tmp_path, monkeypatch):
-    from cones.world import train as training
+    from cones_world import train as training
 
     cfg = training.TrainConfig(out=str(tmp_path), device="cpu", pool_size=12, workers=1, clip_steps=1, clip_batch=4,
                                clip_decoded_share=0.5, clip_decoded_pool=6, init_from=os.path.join(world.WEIGHTS, "sd"),

@@ -194,7 +194,7 @@ def test_loads_a_folder_on_the_device_in_the_dtype(tiny_pipe_path):
 
 
 def test_default_is_the_embedded_model():
-    from cones import world
+    import cones_world as world
 
     assert resolve_model(None) == world.model_path()
 

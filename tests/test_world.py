@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from cones.world.render import render
-from cones.world.scene import (
+from cones_world.render import render
+from cones_world.scene import (
     BACKGROUNDS,
     COLOURS,
     IDENTIFIERS,
@@ -19,8 +19,8 @@ from cones.world.scene import (
     detailed_words,
     sample_scene,
 )
-from cones.world.subjects import SUBJECTS, is_subject_free, sample_training_scene
-from cones.world.tokenizer import build_clip_tokenizer, restrict_to_words
+from cones_world.subjects import SUBJECTS, is_subject_free, sample_training_scene
+from cones_world.tokenizer import build_clip_tokenizer, restrict_to_words
 
 
 def test_world_has_the_promised_variety():
@@ -38,7 +38,7 @@ def test_render_is_deterministic_and_sized():
 
 
 def test_rendered_object_has_its_colour():
-    from cones.world.scene import Background, Scene, Thing
+    from cones_world.scene import Background, Scene, Thing
 
     scene = Scene(Background("white"), (Thing("square", "red", "big", x=0.5, y=0.5, radius=0.25),))
     img = render(scene)

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from cones.world.tokenizer import build_clip_tokenizer
+from cones_world.tokenizer import build_clip_tokenizer
 
 WORDS = "a an the photo of sks xqz dog cat mug red blue green on beach in snow with sunglasses".split()
 IMAGE_SIZE = 16  # pixels; the VAE halves it, so latents are 8x8

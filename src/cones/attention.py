@@ -22,9 +22,8 @@ Two ways to get maps:
 
 - `attention_maps(pipe, prompt, seed=...)`: generate an image from noise and record;
 - `attention_maps_for_image(pipe, prompt, image, strength=...)`: noise a given picture to an intermediate
-  timestep and denoise it, recording (as img2img does, written out here). With a rendered world scene the
-  subject's true mask is known (`thing_mask`), so `attention_share` and `top_iou` can measure how well a
-  token's map outlines it.
+  timestep and denoise it, recording (as img2img does, written out here). Where the subject's true mask is
+  known (a rendered scene), `attention_share` and `top_iou` measure how well a token's map outlines it.
 
 `attention_figure` draws one picture: per row, the generated image and each token's map as a heatmap over
 it. Nothing here prints or reads files.
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from cones.neurons import ConceptNeurons
-    from cones.world.scene import Thing
 
 __all__ = [
     "AttentionMaps",
@@ -60,7 +58,6 @@ __all__ = [
     "attention_share",
     "heatmap",
     "resample",
-    "thing_mask",
     "top_iou",
 ]
 
@@ -460,20 +457,6 @@ def attention_maps_for_image(
 
 
 # -- masks and overlap ----------------------------------------------------------------------------------
-
-
-def thing_mask(thing: Thing, size: int = 64) -> np.ndarray:
-    """(size, size) bool: the pixels whose centre lies inside `thing`'s body, as `cones.world.render` draws it.
-
-    The body only (not a hat). Uses the renderer's own `shape_mask` in the object's unit frame.
-    """
-    from cones.world.render import shape_mask
-
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = thing.radius * size
-    u = ((xx + 0.5) - thing.x * size) / r
-    v = ((yy + 0.5) - thing.y * size) / r
-    return shape_mask(thing.shape, u, v)
 
 
 def _check_pair(

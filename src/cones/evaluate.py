@@ -30,9 +30,11 @@ class ClipScorer:
     def __init__(self, path: str | None = None, device: str | torch.device = "cpu"):
         from transformers import CLIPModel, CLIPTokenizer
 
-        from cones import world
+        from cones.registry import default_model
 
-        path = path or world.clip_path()
+        path = path or default_model().clip_path
+        if path is None:
+            raise FileNotFoundError("the default model has no evaluation CLIP; pass `--clip` a CLIPModel folder.")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"`--clip` {path!r} is not a folder; pass a transformers CLIPModel folder.")
         self.device = torch.device(device)

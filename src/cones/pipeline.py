@@ -34,7 +34,7 @@ from contextlib import contextmanager
 import torch
 from diffusers import StableDiffusionPipeline
 
-from cones import world
+from cones.registry import default_model
 
 __all__ = ["SUPPORTED", "ModelError", "checkpoint_family", "load_pipeline", "resolve_model"]
 
@@ -64,9 +64,9 @@ class ModelError(ValueError):
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> str:
-    """The path of `model` (a diffusers folder or a single checkpoint file), or the embedded world model's."""
+    """The path of `model` (a diffusers folder or a single checkpoint file), or the default model's."""
     if model is None:
-        return world.model_path()
+        return default_model().model_path
     path = os.fspath(model)
     if not os.path.exists(path):
         raise ModelError(

@@ -4,7 +4,7 @@ The paper evaluates "20 prompts for each concept group", changing "the backgroun
 (sections 4.1 and 4.3). Two families of sets, each with one set per kind of subject (`KINDS`):
 
 * `WORLD`: for the embedded world model. Its text encoder knows only the words of the world's captions
-  (`cones.world.scene.caption_words()`: shapes, colours, sizes, backgrounds, "next to", "above",
+  (`cones_world.scene.caption_words()`: shapes, colours, sizes, backgrounds, "next to", "above",
   "wearing a hat", the identifiers), so these sets change what the world can change: the background, the
   subject's size and colour, the things next to, above or on it. There are no styles in the world.
 * `SD`: for real Stable Diffusion models, in the manner of DreamBooth's evaluation prompts (places,
@@ -32,8 +32,7 @@ __all__ = [
     "SubjectSlot",
     "composition_prompts",
     "prompt_set",
-    "unknown_world_words",
-    "world_captions",
+    "unknown_words",
 ]
 
 KINDS = ("object", "background", "accessory")
@@ -272,30 +271,13 @@ def composition_prompts(subjects: Sequence[SubjectSlot], n: int = 20, seed: int 
     return [first, *rest][:n]
 
 
-# -- the world's vocabulary ---------------------------------------------------------------------------------
-
-
-def unknown_world_words(prompts: Sequence[str]) -> list[str]:
-    """The words of `prompts` that the world model's captions never hold (an empty list when all are known)."""
-    from cones.world.scene import caption_words
-
-    known = set(caption_words())
+def unknown_words(prompts: Sequence[str], vocabulary: Sequence[str]) -> list[str]:
+    """The words of `prompts` that are not in `vocabulary` (a closed-vocabulary model's caption words), in
+    order of first appearance; an empty list when all are known."""
+    known = set(vocabulary)
     unknown = []
     for prompt in prompts:
         for word in prompt.replace(",", " , ").split():
             if word not in known and word not in unknown:
                 unknown.append(word)
     return unknown
-
-
-def world_captions(n: int, seed: int = 0) -> list[str]:
-    """`n` captions of random world scenes without identifiers, as the world model was trained on.
-
-    The regularisation captions of Custom Diffusion's merge (`baselines.custom_diffusion.merge`).
-    """
-    from dataclasses import replace
-
-    from cones.world.scene import caption, sample_scene
-
-    rng = random.Random(f"world-captions/{seed}")
-    return [caption(replace(sample_scene(rng), tokens=()), rng) for _ in range(n)]

@@ -1,7 +1,9 @@
 """The `cones` command: one module per subcommand, each a thin call into the library.
 
 Every module in this package that defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`
-is a subcommand; adding a command is adding a file. A user error prints one line and a hint; the
+is a subcommand; adding a command is adding a file. Installed packages add theirs through the
+`cones.commands` entry points (`cones.registry.command_modules`): the embedded world's `demo` and
+`train-world` come that way. A user error prints one line and a hint; the
 traceback appears only with `--debug` (or CONES_DEBUG=1).
 """
 
@@ -26,6 +28,10 @@ def _commands() -> dict:
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "NAME") and hasattr(module, "run"):
             commands[module.NAME] = module
+    from cones.registry import command_modules
+
+    for module in command_modules():
+        commands[module.NAME] = module
     return dict(sorted(commands.items()))
 
 

@@ -20,7 +20,6 @@ def run(args) -> int:
     import transformers
 
     import cones
-    from cones import world
 
     info = {
         "cones": cones.__version__,
@@ -32,7 +31,7 @@ def run(args) -> int:
         "safetensors": safetensors.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
-        "embedded_model": world.model_path(),
+        "default_model": _default_model_path(),
     }
     if args.format == "json":
         print(json.dumps(info, indent=2))
@@ -40,3 +39,12 @@ def run(args) -> int:
         for key, value in info.items():
             print(f"{key:>15}: {value}")
     return 0
+
+
+def _default_model_path() -> str | None:
+    from cones.registry import NoDefaultModel, default_model
+
+    try:
+        return default_model().model_path
+    except NoDefaultModel:
+        return None

@@ -117,22 +117,23 @@ def _references(args, scorer) -> tuple[dict, list]:
     """name -> (r, d) embeddings, and each reference's world subject (or None for a folder)."""
     from cones.cli import UsageError
     from cones.images import list_images, open_image
-    from cones.world import concepts
-    from cones.world.subjects import SUBJECTS
+    from cones.registry import default_model
+
+    examples = default_model().subjects()
 
     embeddings, subjects = {}, []
     for ref in args.reference:
-        if ref in SUBJECTS:
-            subjects.append(SUBJECTS[ref])
-            pictures = concepts.references(SUBJECTS[ref])[1]
+        if ref in examples:
+            subjects.append(examples[ref])
+            pictures = examples[ref].reference_images()
         elif os.path.isdir(ref):
             subjects.append(None)
             pictures = [open_image(path) for path in list_images(ref)]
         else:
             raise UsageError(
-                f"`--reference` {ref!r} is neither a world subject ({', '.join(SUBJECTS)}) nor a folder of images."
+                f"`--reference` {ref!r} is neither a world subject ({', '.join(examples)}) nor a folder of images."
             )
-        name = ref if ref in SUBJECTS else os.path.basename(os.path.normpath(ref))
+        name = ref if ref in examples else os.path.basename(os.path.normpath(ref))
         if name in embeddings:
             raise UsageError(f"`--reference` {ref!r} is given twice; give each subject once.")
         embeddings[name] = scorer.images(pictures)

@@ -48,6 +48,7 @@ def run(args) -> int:
     from cones.find import FindConfig, find_concept
     from cones.images import list_images, load_images, model_resolution
     from cones.pipeline import load_pipeline, resolve_model
+    from cones.registry import default_model
 
     # 1. Check everything the user gave before any slow work (--threshold replaces the default sparsity).
     if os.path.exists(args.out) and not args.overwrite:
@@ -76,7 +77,7 @@ def run(args) -> int:
                           class_pictures=class_pictures, cache_dir=args.cache_dir, checkpoint_path=args.checkpoint)
     seconds = time.time() - started
     concept = result.concept
-    concept.metadata.update({"base_model": os.path.abspath(model) if args.model else "cones-world",
+    concept.metadata.update({"base_model": os.path.abspath(model) if args.model else default_model().name,
                              "search_seconds": round(seconds, 1), "reference_images": len(paths)})
     concept.save(args.out, overwrite=args.overwrite)
     summary = {

@@ -125,13 +125,14 @@ def _subjects(parts: list[dict], sources: list[tuple[str, str]]) -> list:
         if kind == "images":
             plans.append(("images", list_images(value), part))
             continue
-        from cones.world.subjects import SUBJECTS
+        from cones.registry import default_model
 
-        if value not in SUBJECTS:
+        examples = default_model().subjects()
+        if value not in examples:
             raise UsageError(
-                f"`--world-subject` {value!r} is not a world subject; choose from {sorted(SUBJECTS)}."
+                f"`--world-subject` {value!r} is not a world subject; choose from {sorted(examples)}."
             )
-        subject = SUBJECTS[value]
+        subject = examples[value]
         if subject.class_word != part["class_word"]:
             raise UsageError(
                 f"`--world-subject` {value!r} is a {subject.class_word}, but subject {i + 1} of the concepts "
@@ -150,9 +151,7 @@ def _subject_data(pipe, plan):
     if kind == "images":
         images, _ = load_images(source, model_resolution(pipe))
         return SubjectData(images, token, class_word)
-    from cones.world.concepts import subject_data
-
-    return subject_data(source, token)
+    return source.subject_data(token)
 
 
 def _mean_loss(losses: list[float], first: bool) -> float:

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from cones.world.scene import BLACK, COLOURS, PLAIN_BACKGROUNDS, TONES, Background, Scene, Thing
+from cones_world.scene import BLACK, COLOURS, PLAIN_BACKGROUNDS, TONES, Background, Scene, Thing
 
 SUPERSAMPLE = 2
 
@@ -212,3 +212,13 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
         _paint_thing(img, thing, big)
     img = img.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def thing_mask(thing: Thing, size: int = 64) -> np.ndarray:
+    """(size, size) bool: the pixels whose centre lies inside `thing`'s body (not its hat), as `render` draws
+    it: the subject's true mask, against which an attention map is measured."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    r = thing.radius * size
+    u = ((xx + 0.5) - thing.x * size) / r
+    v = ((yy + 0.5) - thing.y * size) / r
+    return shape_mask(thing.shape, u, v)

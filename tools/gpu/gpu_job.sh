@@ -8,9 +8,9 @@
 # so that its cross-attention learns to read words; a model made so is continued with MODE=frozen. The
 # tower's tokenizer is cut to the caption words, so the CLIP's detail words ("stripes") name nothing.
 #
-#   run: bash tools/gpu_job.sh      carry: .whl (the diffusers 0.42.1 and importlib_metadata wheels)
+#   run: bash tools/gpu/gpu_job.sh      carry: .whl (the diffusers 0.42.1 and importlib_metadata wheels)
 # Afterwards, here: cat $FILES/weights.tar.part* | tar -x -C /tmp/new && compare with benchmarks/bench_world.py.
-# Dry run on a CPU: DEVICE=cpu CHECK_ARGS=--smoke POOL=600 UNET_S=10 CLIP_S=10 OUT=/tmp/out bash tools/gpu_job.sh
+# Dry run on a CPU: DEVICE=cpu CHECK_ARGS=--smoke POOL=600 UNET_S=10 CLIP_S=10 OUT=/tmp/out bash tools/gpu/gpu_job.sh
 set -uo pipefail
 job_start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -21,14 +21,14 @@ if [ "${CHECK_S:-90}" != 0 ]; then
     || echo "gpu_check exited with $?"
 fi
 if [ "${MODE:-continue}" = scratch ]; then
-  VAE_S=${VAE_S:-75} UNET_S=${UNET_S:-330} CLIP_S=${CLIP_S:-280} bash tools/train_world_on_gpu.sh
+  VAE_S=${VAE_S:-75} UNET_S=${UNET_S:-330} CLIP_S=${CLIP_S:-280} bash tools/gpu/train_world_on_gpu.sh
 else
   # The training phases get what is left of BUDGET seconds (the device call's limit, less a margin) after
   # the check, less about 110 s for rendering the pool, encoding it, sampling and packing.
   left=$(( ${BUDGET:-540} - ($(date +%s) - job_start) - 110 ))
   UNET_S=${UNET_S:-$(( left < 300 ? left : 300 ))}; CLIP_S=${CLIP_S:-$(( UNET_S - 20 ))}
   echo "training for $UNET_S s (UNet) and $CLIP_S s (CLIP)"
-  W=src/cones/world/weights
+  W=src/cones_world/weights
   case "${MODE:-continue}" in
     recondition) TEXT="--text-encoder-from $W/clip" ;;
     frozen) TEXT="--freeze-text-encoder 1" ;;
@@ -36,5 +36,5 @@ else
   esac
   SD_PHASES=unet SD_EXTRA="--init-from $W/sd --unet-lr ${UNET_LR:-2e-4} --unet-steps 1000000 $TEXT" \
     CLIP_EXTRA="--clip-init-from $W/clip --init-from $W/sd --clip-lr ${CLIP_LR:-2e-4} --clip-steps 1000000 --clip-decoded-share 0.5" \
-    POOL=${POOL:-120000} UNET_S=$UNET_S CLIP_S=$CLIP_S bash tools/train_world_on_gpu.sh
+    POOL=${POOL:-120000} UNET_S=$UNET_S CLIP_S=$CLIP_S bash tools/gpu/train_world_on_gpu.sh
 fi

@@ -8,7 +8,7 @@ interrupted run loses at most one interval. Phases can be bounded by wall-clock 
 which is how a fixed slot on a borrowed GPU is spent. The CLIP phase needs nothing from the others and can
 run in a second process at the same time (`--phases clip`).
 
-    python -m cones.world.train --out runs/world --device cuda
+    python -m cones_world.train --out runs/world --device cuda
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from cones.world import models
-from cones.world.render import render
-from cones.world.scene import caption, caption_words, detailed_caption, detailed_words
-from cones.world.subjects import sample_training_scene
-from cones.world.tokenizer import build_clip_tokenizer, restrict_to_words
+from cones_world import models
+from cones_world.render import render
+from cones_world.scene import caption, caption_words, detailed_caption, detailed_words
+from cones_world.subjects import sample_training_scene
+from cones_world.tokenizer import build_clip_tokenizer, restrict_to_words
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -406,7 +406,7 @@ def check_text_encoder_source(folder: str) -> None:
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"--text-encoder-from {folder!r} has no config.json; pass a transformers CLIPModel "
-                                "folder, such as src/cones/world/weights/clip.")
+                                "folder, such as src/cones_world/weights/clip.")
     width = CLIPTextConfig.from_pretrained(folder).hidden_size
     if width != models.TEXT_DIM:
         raise ValueError(f"--text-encoder-from {folder!r} has text width {width}, but the world UNet's "

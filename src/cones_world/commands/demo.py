@@ -19,7 +19,7 @@ HELP = "find a world subject's concept neurons, generate with and without them, 
 
 
 def add_arguments(p) -> None:
-    from cones.world.subjects import SUBJECTS
+    from cones_world.subjects import SUBJECTS
 
     # The default is the subject whose neurons the embedded model answers most clearly in
     # benchmarks/bench_concepts.py (all nine subjects are there); the sea at sunset, the default before, is
@@ -39,13 +39,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import dataclasses
 
+    import cones_world
     from cones.cli import UsageError
     from cones.evaluate import ClipScorer
     from cones.find import FindConfig
     from cones.generate import grid, save_atomic
     from cones.pipeline import load_pipeline
-    from cones.world.concepts import find_subject_concept, references, score_subject, subject_detector
-    from cones.world.subjects import SUBJECTS
+    from cones_world.concepts import find_subject_concept, references, score_subject, subject_detector
+    from cones_world.subjects import SUBJECTS
 
     report_path = os.path.join(args.out, "report.json")
     if os.path.exists(report_path) and not args.overwrite:
@@ -75,7 +76,7 @@ def run(args) -> int:
                                   cache_dir=os.path.join(args.out, "class-images"), disable=False)
     search_seconds = time.time() - t
     concept = result.concept
-    concept.metadata.update({"base_model": "cones-world", "world_subject": subject.name,
+    concept.metadata.update({"base_model": cones_world.NAME, "world_subject": subject.name,
                              "search_seconds": round(search_seconds, 1)})
     concept_path = os.path.join(args.out, f"{subject.name}.cones")
     concept.save(concept_path, overwrite=True)

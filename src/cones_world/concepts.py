@@ -21,9 +21,9 @@ from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer, roc_auc
 from cones.images import to_tensor
 from cones.refine import SubjectData
-from cones.world.render import render
-from cones.world.scene import BACKGROUNDS, SHAPES
-from cones.world.subjects import Subject
+from cones_world.render import render
+from cones_world.scene import BACKGROUNDS, SHAPES
+from cones_world.subjects import Subject
 
 
 def pictures(scenes) -> list[Image.Image]:
@@ -33,7 +33,7 @@ def pictures(scenes) -> list[Image.Image]:
 def through_vae(vae, images: list[Image.Image], batch: int = 256) -> list[Image.Image]:
     """The images as the VAE returns them (encoded, decoded): what a UNet that drew them exactly would
     produce, since every generated image comes out of that decoder."""
-    from cones.world.train import vae_roundtrip
+    from cones_world.train import vae_roundtrip
 
     arrays = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
     decoded = [vae_roundtrip(vae, arrays[i : i + batch]).cpu() for i in range(0, len(arrays), batch)]
@@ -211,7 +211,7 @@ def _fit_detector(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae)
 def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> str:
     """A digest of everything a detector depends on: the CLIP's and the VAE's weights, the image
     normalisation, the sizes, and the subject's renders (so a change to the renderer or the subject shows)."""
-    from cones.world.train import weights_fingerprint
+    from cones_world.train import weights_fingerprint
 
     weights = [weights_fingerprint(scorer.model), weights_fingerprint(vae) if vae is not None else None]
     settings = [subject.name, n, n_fit, list(scorer.mean), list(scorer.std), weights]
@@ -274,3 +274,40 @@ def score_subject(
         "text_alignment": float(np.mean([text_alignment(per_prompt[i], texts[i]) for i in range(len(prompts))])),
         "subject_rate": float(detector.present(emb).float().mean()),
     }
+
+
+@dataclass(frozen=True)
+class WorldExample:
+    """A world subject as `cones.registry.ExampleSubject`: what `cones refine --world-subject` and
+    `cones evaluate --reference NAME` take in place of a folder of photos."""
+
+    subject: Subject
+
+    @property
+    def name(self) -> str:
+        return self.subject.name
+
+    @property
+    def kind(self) -> str:
+        return self.subject.kind
+
+    @property
+    def class_word(self) -> str:
+        return self.subject.class_word
+
+    @property
+    def description(self) -> str:
+        return self.subject.description
+
+    def reference_images(self) -> list[Image.Image]:
+        return references(self.subject)[1]
+
+    def subject_data(self, token: str) -> SubjectData:
+        return subject_data(self.subject, token)
+
+
+def example_subjects() -> dict[str, WorldExample]:
+    """The world's catalogue of subjects, by name, as the default model offers them."""
+    from cones_world.subjects import SUBJECTS
+
+    return {name: WorldExample(subject) for name, subject in SUBJECTS.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from cones.world.scene import (
+from cones_world.scene import (
     BACKGROUNDS,
     COLOURS,
     PLACES,

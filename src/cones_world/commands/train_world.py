@@ -4,7 +4,7 @@ Renders its own data, checkpoints every few hundred steps and resumes from --out
 loses little. On a CPU this takes many hours; on one GPU, minutes (see the README).
 
   cones train-world --out runs/world --device cuda
-  cones train-world --out runs/world --phases unet --init-from src/cones/world/weights/sd --device cuda
+  cones train-world --out runs/world --phases unet --init-from src/cones_world/weights/sd --device cuda
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ HELP = "train (or continue training) the embedded world model and its evaluation
 
 
 def add_arguments(p) -> None:
-    from cones.world import train
+    from cones_world import train
 
     train.add_arguments(p)
 
 
 def run(args) -> int:
-    from cones.world.train import from_arguments, train
+    from cones_world.train import from_arguments, train
 
     config, phases = from_arguments(args)
     report = train(config, phases)

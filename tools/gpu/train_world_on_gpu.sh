@@ -3,7 +3,7 @@
 # folders into $OUT as <16 MiB parts. The VAE -> UNet phases and the CLIP phase run at the same time in two
 # processes: both models are small, and one alone leaves most of the GPU idle.
 #
-#   OUT=/tmp/out bash tools/train_world_on_gpu.sh            # on the GPU machine, from the repo root
+#   OUT=/tmp/out bash tools/gpu/train_world_on_gpu.sh            # on the GPU machine, from the repo root
 # Optional: POOL (scenes), UNET_S, VAE_S, CLIP_S (wall-clock seconds per phase), DEVICE, SD_PHASES
 # (vae,unet by default; "unet" with SD_EXTRA="--init-from FOLDER" continues a model), SD_EXTRA, CLIP_EXTRA.
 set -euo pipefail
@@ -15,19 +15,19 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$WORK" "$OUT"
 # Train on the shipped vocabulary files (building them anew can number the tokens differently), so that a
 # continued model keeps its token ids.
-W=src/cones/world/weights
+W=src/cones_world/weights
 mkdir -p "$WORK/tokenizer" "$WORK/clip_tokenizer"
 for f in vocab.json merges.txt tokenizer.json tokenizer_config.json; do
   cp "$W/sd/tokenizer/$f" "$WORK/tokenizer/"; cp "$W/clip/$f" "$WORK/clip_tokenizer/"
 done
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 start=$(date +%s)
-python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases pool --pool-size "$POOL" $EXTRA 2>&1 | tail -n 3
+python3 -m cones_world.train --out "$WORK" --device "$DEVICE" --phases pool --pool-size "$POOL" $EXTRA 2>&1 | tail -n 3
 echo "pool rendered in $(( $(date +%s) - start )) s"
-python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases clip --pool-size "$POOL" \
+python3 -m cones_world.train --out "$WORK" --device "$DEVICE" --phases clip --pool-size "$POOL" \
   --phase-seconds "{\"clip\": $CLIP_S}" $EXTRA $CLIP_EXTRA > "$OUT/clip.log" 2>&1 &
 clip_pid=$!
-python3 -m cones.world.train --out "$WORK" --device "$DEVICE" --phases "$SD_PHASES" --pool-size "$POOL" \
+python3 -m cones_world.train --out "$WORK" --device "$DEVICE" --phases "$SD_PHASES" --pool-size "$POOL" \
   --phase-seconds "{\"vae\": $VAE_S, \"unet\": $UNET_S}" $EXTRA $SD_EXTRA > "$OUT/unet.log" 2>&1 || { tail -n 30 "$OUT/unet.log"; exit 1; }
 wait $clip_pid || { tail -n 30 "$OUT/clip.log"; exit 1; }
 echo "trained in $(( $(date +%s) - start )) s"

@@ -313,3 +313,10 @@ def detailed_words() -> list[str]:
     words = set(caption_words()) | set(TONES) | {"with", "face", "band", "at", "sunset", "sun", "moon"}
     words |= {w for p in PATTERN_WORDS.values() for w in p.split()}
     return sorted(words)
+
+
+def training_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` captions of random world scenes without identifiers, as the world model was trained on: the
+    regularisation captions of Custom Diffusion's merge (`cones.baselines.custom_diffusion.merge`)."""
+    rng = random.Random(f"world-captions/{seed}")
+    return [caption(replace(sample_scene(rng), tokens=()), rng) for _ in range(n)]

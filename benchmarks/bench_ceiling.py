@@ -1,4 +1,4 @@
-"""Experiment: can fine-tuning make the embedded model draw a subject that shutting concept neurons does not?
+"""Can fine-tuning make the embedded model draw a subject that shutting concept neurons does not?
 
 Concept neurons only select what the model already draws. DreamBooth (every UNet weight) and Custom
 Diffusion (cross-attention K/V and the identifier's embedding) train on the same concept-implanting loss
@@ -9,8 +9,8 @@ the search is what falls short there.
 Scores on the subject's identifier prompts, 4 seeds, guidance 7.5, the detector for generated images (the
 cells match `bench_guidance.py`'s 7.5 column, which has the same prompts and seeds).
 
-    python tools/experiments/fine_tune_ceiling.py striped-circle checkered-square   # STEPS=300
-    METHODS=custom-diffusion-kv-only,textual-inversion python tools/experiments/fine_tune_ceiling.py striped-circle
+    python benchmarks/bench_ceiling.py striped-circle checkered-square   # STEPS=300
+    METHODS=custom-diffusion-kv-only,textual-inversion python benchmarks/bench_ceiling.py striped-circle
 
 Adds its subjects and methods to benchmarks/results/fine-tune-ceiling-STEPS.json, and writes a grid per
 subject and set of methods (references, then each method's first prompt, 4 seeds).
@@ -21,10 +21,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, "benchmarks")
 import torch
-
-torch.set_num_threads(1)
 from results_io import write_atomic
 
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
@@ -33,8 +30,10 @@ from cones.find import FindConfig
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
 from cones.refine import subject_objective
-from cones.world.concepts import eval_prompts, references, score_subject, subject_data, subject_detector
-from cones.world.subjects import SUBJECTS
+from cones_world.concepts import eval_prompts, references, score_subject, subject_data, subject_detector
+from cones_world.subjects import SUBJECTS
+
+torch.set_num_threads(1)
 
 METHODS = {  # each at the learning rate cones uses for it on this model (bench_paper); METHODS=a,b picks
     "dreambooth": (dreambooth, 2e-5, {}),
