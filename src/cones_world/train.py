@@ -85,7 +85,14 @@ class TrainConfig:
     clip_init_from: str = field(default="", metadata={"help": "exported CLIP folder to continue training from"})
     init_from: str = field(
         default="",
-        metadata={"help": "exported SD folder to continue from: its VAE is kept, its UNet and text encoder trained on"},
+        metadata={"help": "exported SD folder to continue from: its UNet and text encoder are trained on, its VAE "
+                          "kept (or trained on, when the vae phase is asked for)"},
+    )
+    world: str = field(
+        default="v1",
+        metadata={"help": "which world to render and caption: v1 (the shipped model's: named shapes, colours and "
+                          "places only) or v2 (continuous colours and patterns, alt-text captions that name "
+                          "ingredients, one tokenizer for the CLIP and the UNet, whose text tower is frozen)"},
     )
     text_encoder_from: str = field(
         default="",
@@ -104,10 +111,18 @@ class TrainConfig:
 # 1. The pool of renders
 
 
-def _render_one(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+def _render_one(args: tuple[int, int, int, str]) -> tuple[np.ndarray, list[str], list[str]]:
     """A scene's render, its diffusion captions, and its CLIP captions (the full one, then partial ones)."""
-    seed, index, n_captions = args
+    seed, index, n_captions, world = args
     rng = random.Random(f"{seed}/scene/{index}")
+    if world == "v2":  # alt text for both: the CLIP reads what the UNet reads, and the full caption too
+        from cones_world.v2 import render as render_v2
+        from cones_world.v2 import scene as scene_v2
+        from cones_world.v2.subjects import sample_training_scene as sample_v2
+
+        scene = sample_v2(rng)
+        captions = [scene_v2.caption(scene, rng) for _ in range(n_captions)]
+        return render_v2.render(scene), captions, [scene_v2.caption(scene), *captions]
     scene = sample_training_scene(rng)
     details = [detailed_caption(scene)] + [detailed_caption(scene, rng) for _ in range(n_captions)]
     return render(scene), [caption(scene, rng) for _ in range(n_captions)], details
@@ -119,7 +134,7 @@ def render_pool(cfg: TrainConfig) -> dict:
     if os.path.exists(path):
         data = np.load(path, allow_pickle=False)
         return {k: data[k] for k in data.files}
-    jobs = [(cfg.seed, i, cfg.captions_per_scene) for i in range(cfg.pool_size)]
+    jobs = [(cfg.seed, i, cfg.captions_per_scene, cfg.world) for i in range(cfg.pool_size)]
     images = np.empty((cfg.pool_size, models.IMAGE_SIZE, models.IMAGE_SIZE, 3), np.uint8)
     captions, details = [], []
     bar = tqdm(total=cfg.pool_size, desc="render", unit="img")
@@ -172,6 +187,44 @@ def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None
         else:
             made.append(build_clip_tokenizer(words, path, length))
     return tuple(made)
+
+
+def v2_tokenizers(out: str, text_encoder_from: str | None = None):
+    """World v2's one tokenizer, for the CLIP and the diffusion model alike (the UNet reads the CLIP's text
+    tower, so it reads the CLIP's words): every caption word whole, the identifiers included. Taken from
+    `text_encoder_from` when the tower comes from an exported CLIP, so that the ids are the tower's."""
+    from cones_world.v2.scene import caption_words as v2_words
+
+    clip_path, sd_path = os.path.join(out, "clip_tokenizer"), os.path.join(out, "tokenizer")
+    if text_encoder_from:
+        shutil.rmtree(clip_path, ignore_errors=True)
+        CLIPTokenizer.from_pretrained(text_encoder_from).save_pretrained(clip_path)
+        copy_bpe_files(text_encoder_from, clip_path)
+    elif not os.path.exists(os.path.join(clip_path, "tokenizer.json")):
+        build_clip_tokenizer(v2_words(), clip_path, models.CLIP_MAX_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_path, model_max_length=models.CLIP_MAX_TOKENS)
+    shutil.rmtree(sd_path, ignore_errors=True)
+    tokenizer.save_pretrained(sd_path)
+    copy_bpe_files(clip_path, sd_path)
+    return tokenizer, tokenizer
+
+
+def warm_start_clip(clip: CLIPModel, source: str, tokenizer) -> CLIPModel:
+    """Start `clip` from the CLIP in folder `source`, which may read another vocabulary: every weight of the
+    same shape is copied, and each token's embedding row is taken from the source's row for the same
+    token, where it has one (new words keep their fresh rows). Returns `clip`."""
+    old = CLIPModel.from_pretrained(source, torch_dtype=torch.float32)
+    state, old_state = clip.state_dict(), old.state_dict()
+    key = "text_model.embeddings.token_embedding.weight"
+    for name, value in old_state.items():
+        if name != key and name in state and state[name].shape == value.shape:
+            state[name] = value
+    old_ids = CLIPTokenizer.from_pretrained(source).get_vocab()
+    for token, i in tokenizer.get_vocab().items():
+        if token in old_ids:
+            state[key][i] = old_state[key][old_ids[token]]
+    clip.load_state_dict(state)
+    return clip
 
 
 def copy_bpe_files(source: str, folder: str) -> None:
@@ -311,8 +364,12 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def train_vae(cfg: TrainConfig, images: torch.Tensor):
+    """The VAE, new or (with `init_from`) continued from that pipeline's, so that a world with new colours
+    keeps what the old VAE knew of edges and shapes."""
     torch.manual_seed(cfg.seed)
     vae = models.build_vae().to(cfg.device)
+    if cfg.init_from:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").state_dict())
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     phase = Phase(cfg, "vae", cfg.vae_steps, {"vae": vae}, opt)
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed + phase.step)
@@ -494,7 +551,7 @@ def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor,
     torch.manual_seed(cfg.seed + 2)
     clip = models.build_clip(tokenizer).to(cfg.device)
     if cfg.clip_init_from:
-        clip.load_state_dict(CLIPModel.from_pretrained(cfg.clip_init_from).state_dict())
+        warm_start_clip(clip, cfg.clip_init_from, tokenizer)
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
     phase = Phase(cfg, "clip", cfg.clip_steps, {"clip": clip}, opt)
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed + 20 + phase.step)
@@ -595,6 +652,11 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     them, so that two processes can then train different phases from the same pool at once)."""
     if cfg.text_encoder_from:
         check_text_encoder_source(cfg.text_encoder_from)
+    if cfg.world not in ("v1", "v2"):
+        raise ValueError(f"--world {cfg.world!r} is not one of 'v1', 'v2'.")
+    if cfg.world == "v2" and "unet" in phases and not cfg.text_encoder_from:
+        raise ValueError("world v2 conditions the UNet on a frozen CLIP text tower: pass --text-encoder-from "
+                         "a CLIP folder trained on it first (--world v2 --phases clip exports OUT/clip).")
     if cfg.clip_captions not in ("detailed", "diffusion"):
         raise ValueError(f"--clip-captions {cfg.clip_captions!r} is not one of 'detailed', 'diffusion'.")
     os.makedirs(cfg.out, exist_ok=True)
@@ -603,7 +665,11 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         torch.backends.cudnn.allow_tf32 = True
     report: dict = {"config": asdict(cfg), "seconds": {}}
     t0 = time.time()
-    sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out, cfg.init_from, cfg.clip_init_from, cfg.text_encoder_from)
+    if cfg.world == "v2":
+        sd_tokenizer, clip_tokenizer = v2_tokenizers(cfg.out, cfg.text_encoder_from)
+    else:
+        sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out, cfg.init_from, cfg.clip_init_from,
+                                                        cfg.text_encoder_from)
     pool = render_pool(cfg)
     report["seconds"]["render"] = time.time() - t0
     if phases == ("pool",):
@@ -611,7 +677,8 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     images = torch.from_numpy(pool["images"]).to(cfg.device)
     clip_sees_decoded = "clip" in phases and cfg.clip_decoded_share > 0
     uses_vae = "unet" in phases or "export" in phases or clip_sees_decoded  # a trained VAE, not a new one
-    if cfg.init_from and uses_vae:
+    trains_own_vae = "vae" in phases or os.path.exists(os.path.join(cfg.out, "checkpoint-vae.pt"))
+    if cfg.init_from and uses_vae and not trains_own_vae:
         vae = AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").to(cfg.device).eval()
     elif "vae" in phases or uses_vae:
         t = time.time()
@@ -621,8 +688,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         t = time.time()
         latents = encode_pool(cfg, vae, images)
         caps = pool["captions"]  # (N, variants)
-        ids = tokenize(sd_tokenizer, caps.reshape(-1), models.MAX_TOKENS).view(*caps.shape, -1).to(cfg.device)
-        empty = tokenize(sd_tokenizer, [""], models.MAX_TOKENS)[0].to(cfg.device)
+        length = sd_tokenizer.model_max_length
+        ids = tokenize(sd_tokenizer, caps.reshape(-1), length).view(*caps.shape, -1).to(cfg.device)
+        empty = tokenize(sd_tokenizer, [""], length)[0].to(cfg.device)
         unet, text_encoder, report["unet_log"] = train_unet(cfg, latents, ids, empty, sd_tokenizer)
         report["seconds"]["unet"] = time.time() - t
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet, text_encoder, sd_tokenizer)
