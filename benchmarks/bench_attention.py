@@ -36,6 +36,7 @@ import torch
 from results_io import RESULTS, save_results
 
 from cones import GUIDANCE_SCALE
+from cones.evaluate import text_pathway
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCEPT_CACHE = ROOT / "runs" / "concepts"
@@ -99,32 +100,6 @@ def position_lifts(maps, mask: np.ndarray) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
-def text_states(pipe, prompt: str) -> torch.Tensor:
-    """(text positions, width): the text encoder's output for `prompt`, padded as the pipeline pads it."""
-    tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0][0].float()
-
-
-def conditioning_report(pipe, subject_prompt: str, class_prompt: str, other_prompt: str) -> dict[str, float]:
-    """How the text encoder's output tells words apart: the mean cosine between the states of the prompt's
-    words (1: every word reads the same), and how far the identifier moves the whole conditioning
-    (1 - cosine of "a sks circle" against "a circle", all positions together) next to a colour word
-    ("a red circle" against "a circle")."""
-    n = len(pipe.tokenizer(subject_prompt).input_ids) - 2
-    words = torch.nn.functional.normalize(text_states(pipe, subject_prompt)[1 : 1 + n], dim=-1)
-    cos = words @ words.T
-    off = ~torch.eye(n, dtype=torch.bool)
-
-    def moved(a: str, b: str) -> float:
-        return 1 - float(torch.nn.functional.cosine_similarity(
-            text_states(pipe, a).flatten(), text_states(pipe, b).flatten(), dim=0))
-
-    return {"word_state_cosine": float(cos[off].mean()), "identifier_moves": moved(subject_prompt, class_prompt),
-            "colour_moves": moved(other_prompt, class_prompt)}
-
-
 def mean_se(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
@@ -165,7 +140,7 @@ def main() -> None:
         for strength in strengths:
             records = []
             for i, (scene, _) in enumerate(subject.held_out(renders)):
-                image = pictures([(scene,)])[0]
+                image = pictures(subject, [scene])[0]
                 mask = thing_mask(scene.things[0], 64)
                 before = attention_maps_for_image(
                     pipe, prompt, image, strength=strength, seed=i, steps=steps, resolution=64
@@ -226,7 +201,7 @@ def main() -> None:
                 keys.setdefault(role, []).append(v)
         positions[when] = {k: float(np.mean(v)) for k, v in keys.items()}
     first = CATALOGUE[subjects[0]]
-    conditioning = conditioning_report(
+    conditioning = text_pathway(
         pipe, first.prompt(TOKEN), first.prompt(None),
         first.prompt(None).replace(first.class_word, f"red {first.class_word}"),
     )
@@ -325,7 +300,7 @@ def markdown(report: dict) -> str:
             f"{k} {pos['before'][k]:.2f} → {pos['after'][k]:.2f}" for k in pos["before"]
         ) + f". Text encoder: mean cosine between the states of the prompt's words {cond['word_state_cosine']:.3f}; "
         f"the identifier moves the whole conditioning by {cond['identifier_moves']:.4f} (1 - cosine), "
-        f"a colour word by {cond['colour_moves']:.4f}.",
+        f"a colour word by {cond['word_moves']:.4f}.",
     ]
     lines += [
         "",

@@ -30,7 +30,7 @@ from cones.find import FindConfig
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
 from cones.refine import subject_objective
-from cones_world.concepts import eval_prompts, references, score_subject, subject_data, subject_detector
+from cones_world.concepts import references, score_subject, subject_data, subject_detector
 from cones_world.subjects import SUBJECTS
 
 torch.set_num_threads(1)
@@ -65,7 +65,7 @@ for name in sys.argv[1:]:
         with module.applied(pipe, weights):
             scored = score_subject(pipe, scorer, subject, detector, "sks", range(4))
             # the class prompts ("a circle on ...", no identifier): does the change reach them too?
-            class_images = [im for row in generate(pipe, eval_prompts(subject, None), range(4)) for im in row]
+            class_images = [im for row in generate(pipe, subject.eval_prompts(None), range(4)) for im in row]
         entry[method] = {"subject_rate": scored["subject_rate"], "image_alignment": scored["image_alignment"],
                          "text_alignment": scored["text_alignment"],
                          "class_subject_rate": float(detector.present(scorer.images(class_images)).float().mean()),

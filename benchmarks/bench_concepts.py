@@ -31,7 +31,6 @@ from cones.find import FindConfig, _model_id
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
 from cones_world.concepts import (
-    eval_prompts,
     find_subject_concept,
     references,
     score_subject,
@@ -47,7 +46,7 @@ def flat(rows):
 def class_images(pipe, scorer, subject, seeds) -> tuple[torch.Tensor, float]:
     """CLIP embeddings of the class prompts' images on the model as it is (the drift's reference), and their
     yardstick: the mean cosine between images of one prompt at different seeds (what resampling changes)."""
-    prompts = eval_prompts(subject, None)
+    prompts = subject.eval_prompts(None)
     embeddings = scorer.images(flat(generate(pipe, prompts, seeds)))
     per_prompt = embeddings.view(len(prompts), len(seeds), -1)
     pairs = per_prompt @ per_prompt.transpose(1, 2)  # (prompts, seeds, seeds)
@@ -61,7 +60,7 @@ def drift(pipe, scorer, subject, concept, seeds, before: torch.Tensor, detector)
     shut; and the share of those shut class-prompt images in which the detector sees the subject (a concept
     that reaches "a circle" as well as "a sks circle" shows the subject there too)."""
     with concept.shut(pipe.unet):
-        after = scorer.images(flat(generate(pipe, eval_prompts(subject, None), seeds)))
+        after = scorer.images(flat(generate(pipe, subject.eval_prompts(None), seeds)))
     return float((before * after).sum(-1).mean()), float(detector.present(after).float().mean())
 
 

@@ -79,7 +79,6 @@ from cones_world.concepts import (
     SubjectDetector,
     best_threshold,
     embed,
-    eval_prompts,
     references,
     subject_detector,
 )
@@ -468,7 +467,7 @@ def main() -> None:
     }
     sequential_rows, sequential_grid = [], []
     for subject, by_condition in conditions.items():
-        prompts = eval_prompts(SUBJECTS[subject], TOKENS[subject])[: s["sequential_prompts"]]
+        prompts = SUBJECTS[subject].eval_prompts(TOKENS[subject])[: s["sequential_prompts"]]
         for condition, concepts in by_condition.items():
             picture_rows = generate_with(pipe, concepts, prompts, seeds)
             sequential_rows.append(

@@ -268,10 +268,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for i, (subject, token) in enumerate(zip(subjects, tokens, strict=True)):
         images, pictures, _ = concepts.references(subject)
-        subject_prompts, class_prompts = concepts.search_prompts(subject, token)
-        data = SubjectData(
-            images, token, subject.class_word, subject_prompts=subject_prompts, class_prompts=class_prompts
-        )
+        data = SubjectData(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
+                           class_prompts=subject.prior_prompts())
         objectives.append(
             subject_objective(pipe, data, find_cfg, seed=cfg.seed + i, cache_dir=args.cache_dir)
         )

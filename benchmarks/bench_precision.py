@@ -39,11 +39,11 @@ def concept_objective(pipe, subject, seed: int = 0):
     from cones.find import FindConfig, class_images
     from cones.images import to_tensor
     from cones.objective import ConceptObjective, ObjectiveConfig
-    from cones_world.concepts import references, search_prompts
+    from cones_world.concepts import references
 
     cfg = FindConfig(seed=seed)
     images, _, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, TOKEN)
+    subject_prompts, class_prompts = subject.reference_prompts(TOKEN), subject.prior_prompts()
     pictures, prompts = [], []
     for i, prompt in enumerate(class_prompts):
         n = max(1, cfg.num_class_images // len(class_prompts))

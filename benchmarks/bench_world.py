@@ -33,7 +33,7 @@ from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
 from cones.generate import generate
 from cones.pipeline import load_pipeline
-from cones_world.concepts import embed, eval_prompts, pictures, subject_detector, through_vae
+from cones_world.concepts import embed, pictures, subject_detector, through_vae
 from cones_world.render import render
 from cones_world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Background, Scene, Thing, place
 from cones_world.subjects import SUBJECTS
@@ -146,9 +146,9 @@ def main() -> None:
     # same held-out renders once the VAE has returned them (the images a perfect UNet would draw).
     report["crisp_detector_on_decoded"] = {}
     for name, s in SUBJECTS.items():
-        shown = {"subject": s.held_out(200, seed=0), "class": [(x,) for x in s.class_negatives(200, seed=2)]}
+        shown = {"subject": s.held_out(200, seed=0), "class": s.class_negatives(200, seed=2)}
         report["crisp_detector_on_decoded"][name] = {
-            k: float(on_renders[name].present(embed(scorer, pictures(v), pipe.vae)).float().mean())
+            k: float(on_renders[name].present(embed(scorer, pictures(s, v), pipe.vae)).float().mean())
             for k, v in shown.items()
         }
 
@@ -167,7 +167,7 @@ def main() -> None:
     for name, subject in SUBJECTS.items():
         rates = {}
         for label, token in (("identifier", "sks"), ("class", None)):
-            rows = generate(pipe, eval_prompts(subject, token), list(range(n_seeds)))
+            rows = generate(pipe, subject.eval_prompts(token), list(range(n_seeds)))
             emb = scorer.images([im for row in rows for im in row])
             rates[label] = float(detectors[name].present(emb).float().mean())
         chance[name] = rates

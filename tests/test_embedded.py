@@ -202,8 +202,8 @@ def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():
     subject = SUBJECTS["striped-circle"]
     detector = subject_detector(scorer, subject, n=40, n_fit=120)
     assert detector.auc > 0.95
-    fresh = scorer.images(pictures(subject.held_out(20, seed=7)))
-    others = scorer.images(pictures([(s,) for s in subject.class_negatives(20, seed=7)]))
+    fresh = scorer.images(pictures(subject, subject.held_out(20, seed=7)))
+    others = scorer.images(pictures(subject, subject.class_negatives(20, seed=7)))
     assert detector.present(fresh).float().mean() > 0.8
     assert detector.present(others).float().mean() < 0.2
 
@@ -216,7 +216,7 @@ def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_the
     from cones_world.subjects import SUBJECTS
 
     vae = AutoencoderKL.from_pretrained(world.model_path(), subfolder="vae").eval()
-    renders = pictures(SUBJECTS["striped-circle"].held_out(3, seed=7))
+    renders = pictures(SUBJECTS["striped-circle"], SUBJECTS["striped-circle"].held_out(3, seed=7))
     decoded = through_vae(vae, renders, batch=2)  # two batches
     assert [im.size for im in decoded] == [im.size for im in renders]
     difference = [
@@ -228,8 +228,8 @@ def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_the
     subject = SUBJECTS["striped-circle"]
     detector = subject_detector(scorer, subject, n=40, n_fit=120, vae=vae)
     assert detector.decoded and detector.auc > 0.95
-    fresh = scorer.images(through_vae(vae, pictures(subject.held_out(20, seed=7))))
-    others = scorer.images(through_vae(vae, pictures([(s,) for s in subject.class_negatives(20, seed=7)])))
+    fresh = scorer.images(through_vae(vae, pictures(subject, subject.held_out(20, seed=7))))
+    others = scorer.images(through_vae(vae, pictures(subject, subject.class_negatives(20, seed=7))))
     assert detector.present(fresh).float().mean() > 0.8
     assert detector.present(others).float().mean() < 0.2
 

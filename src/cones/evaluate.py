@@ -190,3 +190,35 @@ def markdown(result: dict) -> str:
             + "".join(f" {v:.3f} |" for v in p["image_alignment"].values())
         )
     return "\n".join(lines) + "\n"
+
+
+# -- the text pathway -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def text_states(pipe, prompt: str) -> torch.Tensor:
+    """(text positions, width): the text encoder's output for `prompt`, padded as the pipeline pads it."""
+    tok = pipe.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0][0].float()
+
+
+def text_pathway(pipe, subject_prompt: str, class_prompt: str, other_prompt: str) -> dict[str, float]:
+    """Whether a model's text encoder keeps words apart, which concept neurons need: the mean cosine between
+    the output states of `subject_prompt`'s words (1: every word reads the same, and no cross-attention edit
+    can single one out), how far its identifier moves the whole conditioning (1 - cosine of "a sks circle"
+    against `class_prompt` "a circle", all positions together), and the same for an ordinary word
+    (`other_prompt`, "a red circle")."""
+    n = len(pipe.tokenizer(subject_prompt).input_ids) - 2
+    words = torch.nn.functional.normalize(text_states(pipe, subject_prompt)[1 : 1 + n], dim=-1)
+    off = ~torch.eye(n, dtype=torch.bool)
+
+    def moved(a: str, b: str) -> float:
+        flat_a, flat_b = text_states(pipe, a).flatten(), text_states(pipe, b).flatten()
+        return 1 - float(torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0))
+
+    return {
+        "word_state_cosine": float((words @ words.T)[off].mean()),
+        "identifier_moves": moved(subject_prompt, class_prompt),
+        "word_moves": moved(other_prompt, class_prompt),
+    }

@@ -21,13 +21,12 @@ from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer, roc_auc
 from cones.images import to_tensor
 from cones.refine import SubjectData
-from cones_world.render import render
-from cones_world.scene import BACKGROUNDS, SHAPES
-from cones_world.subjects import Subject
+from cones_world.subjects import Subject  # or world v2's: the same interface
 
 
-def pictures(scenes) -> list[Image.Image]:
-    return [Image.fromarray(render(scene)) for scene, *_ in scenes]
+def pictures(subject: Subject, scenes) -> list[Image.Image]:
+    """Renders of `scenes` (each a scene or a (scene, ...) tuple), by the renderer of `subject`'s world."""
+    return [Image.fromarray(subject.render(scene[0] if isinstance(scene, tuple) else scene)) for scene in scenes]
 
 
 def through_vae(vae, images: list[Image.Image], batch: int = 256) -> list[Image.Image]:
@@ -47,23 +46,8 @@ def embed(scorer: ClipScorer, images: list[Image.Image], vae=None) -> torch.Tens
 
 def references(subject: Subject, n: int = 5) -> tuple[torch.Tensor, list[Image.Image], list[str] | None]:
     """The subject's reference images as a tensor and as pictures, with per-image prompts for accessories."""
-    refs = subject.references(n)
-    images = pictures(refs)
-    prompts = [subject.prompt("{token}", carrier) for _, carrier in refs] if subject.kind == "accessory" else None
-    return to_tensor(images), images, prompts
-
-
-def search_prompts(subject: Subject, token: str) -> tuple[list[str] | None, list[str]]:
-    """Per-image subject prompts (accessories only) and the class prompts for prior preservation."""
-    refs = subject.references(5)
-    subject_prompts = (
-        [subject.prompt(token, carrier) for _, carrier in refs] if subject.kind == "accessory" else None
-    )
-    if subject.kind == "accessory":
-        class_prompts = [subject.prompt(None, shape) for shape in SHAPES]
-    else:
-        class_prompts = [subject.prompt(None)]
-    return subject_prompts, class_prompts
+    images = pictures(subject, subject.references(n))
+    return to_tensor(images), images, subject.reference_prompts("{token}")
 
 
 def find_subject_concept(pipe, subject: Subject, config=None, token: str = "sks", cache_dir=None,
@@ -73,36 +57,16 @@ def find_subject_concept(pipe, subject: Subject, config=None, token: str = "sks"
     from cones.find import find_concept
 
     images, _, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, token)
     return find_concept(pipe, images, token=token, class_word=subject.class_word, config=config,
-                        subject_prompts=subject_prompts, class_prompts=class_prompts, cache_dir=cache_dir,
-                        disable=disable)
+                        subject_prompts=subject.reference_prompts(token), class_prompts=subject.prior_prompts(),
+                        cache_dir=cache_dir, disable=disable)
 
 
 def subject_data(subject: Subject, token: str) -> SubjectData:
     """A world subject as the multi-subject searches take it: references, prompts and class prompts."""
     images, _, _ = references(subject)
-    subject_prompts, class_prompts = search_prompts(subject, token)
-    return SubjectData(
-        images, token, subject.class_word, subject_prompts=subject_prompts, class_prompts=class_prompts
-    )
-
-
-def eval_prompts(subject: Subject, token: str | None) -> list[str]:
-    """Prompts that ask for the subject in several contexts (without `token`: the class prompts)."""
-    places = [b for b in BACKGROUNDS if b != subject.class_word]
-    if subject.kind == "object":
-        base = subject.prompt(token)
-        return [base] + [f"{base} on a {b} background" for b in places[:5]]
-    if subject.kind == "background":
-        bg = " ".join(subject.prompt(token).split()[1:])  # "sks sea background"
-        return [subject.prompt(token)] + [
-            f"a {size} {colour} {shape} on a {bg}"
-            for size, colour, shape in (("big", "red", "circle"), ("small", "yellow", "star"),
-                                        ("big", "white", "square"), ("small", "green", "heart"),
-                                        ("big", "pink", "diamond"))
-        ]
-    return [subject.prompt(token, shape) for shape in SHAPES[:6]]
+    return SubjectData(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
+                       class_prompts=subject.prior_prompts())
 
 
 @dataclass
@@ -191,12 +155,12 @@ def subject_detector(
 
 def _fit_detector(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> SubjectDetector:
     def renders(n: int, seed: int) -> torch.Tensor:  # the subject's held-out renders
-        return embed(scorer, pictures(subject.held_out(n, seed=seed)), vae)
+        return embed(scorer, pictures(subject, subject.held_out(n, seed=seed)), vae)
 
     def class_renders(n: int, seed: int) -> torch.Tensor:  # its class without it
-        return embed(scorer, pictures([(s,) for s in subject.class_negatives(n, seed=seed)]), vae)
+        return embed(scorer, pictures(subject, subject.class_negatives(n, seed=seed)), vae)
 
-    refs = scorer.images(pictures(subject.references()))
+    refs = scorer.images(pictures(subject, subject.references()))
     mean, scale, weight, bias = fit_probe(renders(n_fit, seed=1), class_renders(n_fit, seed=3))
     pos_emb, neg_emb = renders(n, seed=0), class_renders(n, seed=2)
     detector = SubjectDetector(refs, mean, scale, weight, bias, 0.0, 0.0, 0.0, decoded=vae is not None)
@@ -216,8 +180,8 @@ def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) 
     weights = [weights_fingerprint(scorer.model), weights_fingerprint(vae) if vae is not None else None]
     settings = [subject.name, n, n_fit, list(scorer.mean), list(scorer.std), weights]
     digest = hashlib.sha256(json.dumps(settings).encode())
-    negatives = [(scene,) for scene in subject.class_negatives(2, seed=3)]
-    for image in pictures([*subject.references(), *subject.held_out(2, seed=1), *negatives]):
+    negatives = subject.class_negatives(2, seed=3)
+    for image in pictures(subject, [*subject.references(), *subject.held_out(2, seed=1), *negatives]):
         digest.update(np.asarray(image).tobytes())
     return digest.hexdigest()[:16]
 
@@ -261,7 +225,7 @@ def score_subject(
     from cones.evaluate import image_alignment, strip_identifiers, text_alignment
     from cones.generate import generate
 
-    prompts = eval_prompts(subject, token)
+    prompts = subject.eval_prompts(token)
     rows = generate(pipe, prompts, list(seeds), steps=steps, guidance_scale=guidance_scale)
     flat = [im for row in rows for im in row]
     emb = scorer.images(flat)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
+import numpy as np
+
+from cones_world.render import render
 from cones_world.scene import (
     BACKGROUNDS,
     COLOURS,
@@ -76,6 +79,33 @@ class Subject:
             return f"{article(carrier)} {carrier} wearing {article(words[0])} {' '.join(words)}"
         words.append(self.class_word)
         return f"{article(words[0])} {' '.join(words)}"
+
+    def reference_prompts(self, token: str) -> list[str] | None:
+        """Per-reference prompts, for accessories (each worn by another shape); None: `prompt(token)` for all."""
+        return [self.prompt(token, carrier) for _, carrier in self.references(5)] if self.kind == "accessory" else None
+
+    def prior_prompts(self) -> list[str]:
+        """The class prompts of prior preservation."""
+        return [self.prompt(None, shape) for shape in SHAPES] if self.kind == "accessory" else [self.prompt(None)]
+
+    def eval_prompts(self, token: str | None) -> list[str]:
+        """Prompts that ask for the subject in six contexts (without `token`: the class prompts)."""
+        places = [b for b in BACKGROUNDS if b != self.class_word]
+        if self.kind == "object":
+            base = self.prompt(token)
+            return [base] + [f"{base} on a {b} background" for b in places[:5]]
+        if self.kind == "background":
+            bg = " ".join(self.prompt(token).split()[1:])  # "sks sea background"
+            return [self.prompt(token)] + [
+                f"a {size} {colour} {shape} on a {bg}"
+                for size, colour, shape in (("big", "red", "circle"), ("small", "yellow", "star"),
+                                            ("big", "white", "square"), ("small", "green", "heart"),
+                                            ("big", "pink", "diamond"))
+            ]
+        return [self.prompt(token, shape) for shape in SHAPES[:6]]
+
+    def render(self, scene: Scene) -> np.ndarray:
+        return render(scene)
 
     # -- renders -------------------------------------------------------------------------------------------
     def sample(self, rng: random.Random) -> tuple[Scene, str | None]:
