@@ -12,6 +12,7 @@ neurons shut, and measure
 
     python benchmarks/bench_concepts.py --quick                 # 3 subjects, 2 seeds
     python benchmarks/bench_concepts.py --sparsity 0.01 0.05    # every subject, two sparsities
+    python benchmarks/bench_concepts.py --world v2 --model M/sd --clip M/clip --name concepts-v2
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from cones_world.concepts import (
     score_subject,
     subject_detector,
 )
-from cones_world.subjects import SUBJECTS
+from cones_world.subjects import SUBJECTS as SUBJECTS_V1
+from cones_world.v2.subjects import SUBJECTS as SUBJECTS_V2
 
 
 def flat(rows):
@@ -75,12 +77,15 @@ def main() -> None:
                         help="λ, the weight of prior preservation in the search's loss")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
+    parser.add_argument("--clip", default=None, help="the judge's CLIP folder (default: the embedded one)")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v1", help="whose subjects (default: v1)")
     parser.add_argument("--name", default="concepts", help="results file name")
     args = parser.parse_args()
+    SUBJECTS = SUBJECTS_V2 if args.world == "v2" else SUBJECTS_V1
     names = args.subjects or (["striped-circle", "sunset-sea", "smiling-star"] if args.quick else list(SUBJECTS))
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     torch.manual_seed(0)
-    pipe, scorer = load_pipeline(args.model), ClipScorer()
+    pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
     # resuming keeps the results of equal settings
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
