@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from cones.basemodel import weights_sha256
 from cones.neurons import ConceptNeurons
 from cones.objective import Objective
 from cones.targets import Targets, target_parameters
@@ -84,7 +85,7 @@ class SearchResult:
     # M_p per target parameter: the parameter's shape, float32 (float64 for a float64 model), on the CPU
     scores: dict[str, torch.Tensor]
     losses: list[float]  # L_con at step 0 … K−1
-    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, objective
+    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, …
 
     def select(self, *, threshold: float | None = None, sparsity: float | None = None) -> ConceptNeurons:
         """Select again from the same scores with another τ or sparsity, without searching again."""
@@ -98,6 +99,7 @@ class SearchResult:
             token=self.concept.token,
             class_word=self.concept.class_word,
             metadata={"search": settings},
+            base_sha256=self.concept.base_sha256,
         )
 
 
@@ -325,6 +327,7 @@ def find_concept_neurons(
         token=token,
         class_word=class_word,
         metadata={"search": settings},
+        base_sha256=weights_sha256(originals),
     )
     return SearchResult(concept=concept, scores=scores, losses=losses, settings=settings)
 
