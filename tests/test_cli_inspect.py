@@ -82,7 +82,8 @@ def test_damaged_or_missing_files_are_one_line_errors(concept_file, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("cones inspect: error: cannot read") and "\n" not in err
     assert main(["inspect", str(tmp_path / "nothing.cones")]) == 1
-    assert "`path`" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nothing.cones': it does not exist; pass the path of a .cones file" in err
 
 
 def test_values_file_is_recognised(concept_file, tmp_path, capsys):
