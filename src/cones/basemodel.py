@@ -85,14 +85,24 @@ class BaseTargets:
 
     @classmethod
     def from_unet(cls, unet: torch.nn.Module) -> BaseTargets:
+        """From a live UNet; weights shut by active concepts (`cones.switching`) count with their
+        original values, so that a second concept is checked against the base model, not the first."""
+        from cones.switching import _REGISTRY_ATTR
+
         params = {name: p for name, p in unet.named_parameters() if is_candidate(name)}
         dtype = next(iter(params.values())).dtype if params else torch.float32
-        return cls(
-            type(unet).__name__,
-            {name: tuple(p.shape) for name, p in params.items()},
-            dtype,
-            lambda name: params[name].detach(),
-        )
+        registry = unet.__dict__.get(_REGISTRY_ATTR)
+
+        def tensor(name: str) -> torch.Tensor:
+            value = params[name].detach()
+            saved = registry.saved.get(name) if registry is not None else None
+            if saved is None or saved.index.numel() == 0:
+                return value
+            original = value.clone().view(-1)
+            original[saved.index.to(original.device)] = saved.original.to(original.device)
+            return original.view(value.shape)
+
+        return cls(type(unet).__name__, {name: tuple(p.shape) for name, p in params.items()}, dtype, tensor)
 
     @classmethod
     def from_model_path(cls, path: str | os.PathLike[str]) -> BaseTargets | None:
