@@ -301,9 +301,14 @@ class ConceptNeurons:
 
     # -- the model ------------------------------------------------------------------------------------
 
-    def check_compatible(self, unet: torch.nn.Module) -> None:
-        """Raise ValueError naming the first target parameter that `unet` lacks or shapes differently."""
-        self.parameters_in(unet)
+    def check_compatible(self, unet: torch.nn.Module, *, force: bool = False) -> None:
+        """Raise `ConceptMismatchError` (a ValueError) unless the concept belongs to `unet`: it names only
+        candidate K/V weights, each with `unet`'s shape, lists all of `unet`'s of its kinds, and (when it
+        records one) matches the base fingerprint, which `force=True` turns into a warning. See
+        `cones.basemodel.check_concept`."""
+        from cones.basemodel import BaseTargets, check_concept
+
+        check_concept(self, BaseTargets.from_unet(unet), force=force)
 
     def parameters_in(self, unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """`unet`'s parameters named in `shapes`, after checking each exists with the recorded shape."""
