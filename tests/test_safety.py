@@ -579,3 +579,18 @@ def test_peak_memory_measure_is_real():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert int(done.stdout) > 300 * MB
+
+
+def test_class_images_that_cannot_be_cached_are_a_warning_and_leave_nothing(tmp_path, monkeypatch):
+    from cones.find import _store_class_images
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    cache = tmp_path / "cache"
+    with pytest.warns(
+        ConesWarning, match=r"class images not cached: no space left on device while writing .*0123"
+    ):
+        _store_class_images([Image.new("RGB", (8, 8))], str(cache / "0123"))
+    assert os.listdir(cache) == []

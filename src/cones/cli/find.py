@@ -61,6 +61,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from cones import files
     from cones.cli import UsageError
+    from cones.cli._options import reported_warnings
     from cones.find import FindConfig, find_concept
     from cones.images import list_images, load_images, model_resolution
     from cones.pipeline import load_pipeline, resolve_model
@@ -101,16 +102,17 @@ def run(args) -> int:
     # 3. Search, then save. The file holds only what the search determines (no timings), so that the same
     # search gives the same bytes; the time goes to the summary.
     started = time.time()
-    result = find_concept(
-        pipe,
-        images,
-        token=args.token,
-        class_word=args.class_word,
-        config=config,
-        class_pictures=class_pictures,
-        cache_dir=args.cache_dir,
-        checkpoint_path=args.checkpoint,
-    )
+    with reported_warnings(NAME):  # e.g. class images that could not be cached
+        result = find_concept(
+            pipe,
+            images,
+            token=args.token,
+            class_word=args.class_word,
+            config=config,
+            class_pictures=class_pictures,
+            cache_dir=args.cache_dir,
+            checkpoint_path=args.checkpoint,
+        )
     seconds = time.time() - started
     concept = result.concept
     concept.metadata.update(
