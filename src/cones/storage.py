@@ -27,7 +27,9 @@ Only the attention key/value weights that `cones.targets` makes candidates (`att
 2-D) may be named: a file naming any other weight is refused before anything is decoded. A file is read
 only if it is a regular file of at most `MAX_FILE_BYTES`, with a header of at most 1 MiB; every count is
 checked against the declared shapes and the caps below before any index is decoded, so the memory a file
-can make cones use is bounded by those caps (about 100 MB), whatever it claims.
+can make cones use is bounded by those caps (a few hundred MB for the largest concept they admit, 2^23
+neurons), whatever it claims; a file the caps refuse costs no more than reading it (at most
+`MAX_FILE_BYTES`).
 
 `load_concept_file` validates all of it and turns any damaged file into one `ConceptFileError` with a
 one-line message; `save_concept` writes atomically (`cones.files`) and never overwrites unless asked to.
