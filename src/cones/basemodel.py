@@ -2,7 +2,12 @@
 
 A `.cones` file lists every candidate key/value weight of the model it was found on, with its shape, and
 (since cones 0.2) `base_sha256`: a sha256 of those weights' bytes, taken in a fixed order after rounding to
-each precision the search's model could be loaded in (`weights_sha256`). Before a concept is applied,
+float16 (bfloat16 for a bfloat16 model; `weights_sha256`, `recorded_dtype`), so that a float32 and a
+float16 search write the same file, and a float32 or float16 model, or the files of a diffusers folder,
+can be compared with it. A concept from a bfloat16 search cannot be compared with a float16 model, nor
+one from a float32/float16 search with a bfloat16 model in memory: those are a `ConesWarning`, "not
+checked". The command line compares with a diffusers folder's files before loading (float32 or float16
+in practice), whatever `--dtype` the model is then loaded in. Before a concept is applied,
 `check_concept` requires:
 
 1. every parameter it names is a candidate (`cones.targets.is_candidate`) that the model has, with that
@@ -45,10 +50,17 @@ _SAFETENSORS_DTYPES = {
 
 
 def fingerprint_dtypes(dtype: torch.dtype) -> tuple[str, ...]:
-    """The precisions a model of `dtype` can be fingerprinted in: all three from float32/64, else its own."""
+    """The precisions the weights of a model of `dtype` can be compared in: any from float32/64, else its own."""
     if dtype in (torch.float32, torch.float64):
         return tuple(_FINGERPRINT_DTYPES)
     return tuple(name for name, d in _FINGERPRINT_DTYPES.items() if d == dtype)
+
+
+def recorded_dtype(dtype: torch.dtype) -> str:
+    """The one precision a concept found on a model of `dtype` records its fingerprint in: float16, which a
+    float32 and a float16 model give alike (so that both searches write the same file), or bfloat16 for a
+    bfloat16 model, whose weights cannot be rounded back to float16 reliably."""
+    return "bfloat16" if dtype == torch.bfloat16 else "float16"
 
 
 def weights_sha256(
@@ -56,11 +68,11 @@ def weights_sha256(
 ) -> dict[str, str] | None:
     """{dtype name: sha256 hex} over the tensors in the mapping's order: for each, its name, its shape and
     the bytes of its values rounded to float32 and then to the dtype (little-endian). `dtypes` defaults to
-    `fingerprint_dtypes` of the first tensor's dtype; None for no tensors."""
+    the one `recorded_dtype` of the first tensor's dtype; None for no tensors."""
     if not tensors:
         return None
     if dtypes is None:
-        dtypes = fingerprint_dtypes(next(iter(tensors.values())).dtype)
+        dtypes = (recorded_dtype(next(iter(tensors.values())).dtype),)
     hashes = {name: hashlib.sha256() for name in dtypes}
     for name, t in tensors.items():
         t = t.detach().to("cpu")
