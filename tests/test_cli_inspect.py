@@ -38,7 +38,9 @@ def test_json_report_by_hand(concept_file, capsys):
     assert info["neurons"] == 3 and info["weights"] == 42
     assert info["sparsity"] == pytest.approx(3 / 42)
     assert (info["token"], info["class_word"], info["metadata"]) == (
-        "sks", "dog", {"search": {"steps": 7, "objective": {"seed": 3, "prompts": ["a sks dog"]}}}
+        "sks",
+        "dog",
+        {"search": {"steps": 7, "objective": {"seed": 3, "prompts": ["a sks dog"]}}},
     )
     assert info["bytes"] == path.stat().st_size
     assert info["encoding"] == "rice" and info["format_version"] == 1
