@@ -38,7 +38,9 @@ def test_json_report_by_hand(concept_file, capsys):
     assert info["neurons"] == 3 and info["weights"] == 42
     assert info["sparsity"] == pytest.approx(3 / 42)
     assert (info["token"], info["class_word"], info["metadata"]) == (
-        "sks", "dog", {"search": {"steps": 7, "objective": {"seed": 3, "prompts": ["a sks dog"]}}}
+        "sks",
+        "dog",
+        {"search": {"steps": 7, "objective": {"seed": 3, "prompts": ["a sks dog"]}}},
     )
     assert info["bytes"] == path.stat().st_size
     assert info["encoding"] == "rice" and info["format_version"] == 1
@@ -82,7 +84,8 @@ def test_damaged_or_missing_files_are_one_line_errors(concept_file, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("cones inspect: error: cannot read") and "\n" not in err
     assert main(["inspect", str(tmp_path / "nothing.cones")]) == 1
-    assert "`path`" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nothing.cones': it does not exist; pass the path of a .cones file" in err
 
 
 def test_values_file_is_recognised(concept_file, tmp_path, capsys):

@@ -384,9 +384,15 @@ def test_same_indices_give_the_same_file_whatever_the_dtype(tiny_pipe, tmp_path)
     r32 = search(tiny_pipe)
     half = load_pipeline_like(tiny_pipe, torch.float16)
     r16 = search(half)
-    # The same selection, recorded against the float16 model: the file holds indices, names and shapes only.
+    # The same selection, recorded against the float16 model: the file holds indices, names, shapes and the
+    # base weights' float16 digest only.
     same = ConceptNeurons(
-        r32.concept.indices, r16.concept.shapes, token="sks", class_word="dog", metadata=r16.concept.metadata
+        r32.concept.indices,
+        r16.concept.shapes,
+        token="sks",
+        class_word="dog",
+        metadata=r16.concept.metadata,
+        base_sha256=r16.concept.base_sha256,  # the float16 digest, which the float32 model gives too
     )
     assert concept_to_bytes(same) == concept_to_bytes(r32.concept)
     # ... and it shuts the same weights in either model.

@@ -1,3 +1,4 @@
+import errno
 import json
 import math
 import os
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import cones
-from cones import storage
+from cones import files
 from cones.codec import encode_indices
+from cones.errors import OutputError
 from cones.neurons import ConceptNeurons
 from cones.storage import (
     ConceptFileError,
@@ -147,13 +149,13 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     save_concept(make_concept(0), path)
     before = path.read_bytes()
 
-    def crash(src, dst):
-        raise OSError("disk full")
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OutputError, match=r"^no space left on device while writing .*dog\.cones; free some"):
         save_concept(make_concept(1), path, overwrite=True)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=r"^no space left on device while writing .*new\.cones;"):
         save_concept(make_concept(1), tmp_path / "new.cones")
     assert os.listdir(tmp_path) == ["dog.cones"]  # no temporary file, no new file
     assert path.read_bytes() == before

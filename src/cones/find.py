@@ -11,13 +11,15 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from cones import GUIDANCE_SCALE
+from cones import GUIDANCE_SCALE, files
+from cones.errors import ConesWarning
 from cones.images import model_resolution, to_tensor
 from cones.memory import loss_scaled
 from cones.objective import ConceptObjective, ObjectiveConfig
@@ -45,8 +47,10 @@ class FindConfig:
     seed: int = field(default=0, metadata={"help": "seed of batches, noise and class images"})
     loss_scale: float | None = field(
         default=None,
-        metadata={"help": "multiply the backward pass by this and divide it out in float32, so that small "
-                          "float16 gradients keep their bits (None: 1024 for a float16 UNet, else 1 = none)"},
+        metadata={
+            "help": "multiply the backward pass by this and divide it out in float32, so that small "
+            "float16 gradients keep their bits (None: 1024 for a float16 UNet, else 1 = none)"
+        },
     )
     templates: tuple[str, ...] = field(
         default=("a {token} {class_word}",), metadata={"help": "subject prompt templates"}
@@ -73,18 +77,34 @@ def class_images(
         files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
         if len(files) == n:
             return [Image.open(os.path.join(folder, f)).convert("RGB") for f in files]
-    images = generate(pipe, [prompt], list(range(seed * 100_000, seed * 100_000 + n)), steps=steps,
-                      guidance_scale=guidance_scale)[0]
+    images = generate(
+        pipe,
+        [prompt],
+        list(range(seed * 100_000, seed * 100_000 + n)),
+        steps=steps,
+        guidance_scale=guidance_scale,
+    )[0]
     if folder:  # written whole, then renamed: a cache entry is complete or absent
-        tmp = f"{folder}.tmp-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
+        _store_class_images(images, folder)
+    return images
+
+
+def _store_class_images(images: list[Image.Image], folder: str) -> None:
+    """Cache `images` as `folder`, atomically; a cache that cannot be written is a warning, not an error."""
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    files.sweep_stale_temps(os.path.dirname(folder) or ".")
+    tmp = files.temp_path(folder)
+    try:
+        os.mkdir(tmp)
         for i, im in enumerate(images):
             im.save(os.path.join(tmp, f"{i:04d}.png"))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process filled the cache first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return images
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(folder):  # not another process filling the cache first
+            warnings.warn(
+                f"class images not cached: {files.output_error(e, folder)}", ConesWarning, stacklevel=3
+            )
 
 
 def _model_id(pipe) -> str:
@@ -130,8 +150,15 @@ def concept_objective(
             per_prompt = max(1, cfg.num_class_images // len(prompts))
             class_pictures, class_prompt_list = [], []
             for i, prompt in enumerate(prompts):
-                made = class_images(pipe, prompt, per_prompt, seed=cfg.seed * 1000 + i, cache_dir=cache_dir,
-                                    steps=CLASS_IMAGE_STEPS, guidance_scale=cfg.class_guidance)
+                made = class_images(
+                    pipe,
+                    prompt,
+                    per_prompt,
+                    seed=cfg.seed * 1000 + i,
+                    cache_dir=cache_dir,
+                    steps=CLASS_IMAGE_STEPS,
+                    guidance_scale=cfg.class_guidance,
+                )
                 class_pictures += made
                 class_prompt_list += [prompt] * len(made)
         class_tensor = as_tensor(class_pictures)
@@ -175,8 +202,15 @@ def find_concept(
     """
     cfg = config or FindConfig()
     objective = concept_objective(
-        pipe, images, token=token, class_word=class_word, config=cfg, subject_prompts=subject_prompts,
-        class_prompts=class_prompts, class_pictures=class_pictures, cache_dir=cache_dir,
+        pipe,
+        images,
+        token=token,
+        class_word=class_word,
+        config=cfg,
+        subject_prompts=subject_prompts,
+        class_prompts=class_prompts,
+        class_pictures=class_pictures,
+        cache_dir=cache_dir,
     )
     # The scale changes no value the search sees (exactly so in float32), like the dtype, so the file does
     # not record it: a concept is the same file whichever precision found it.
@@ -200,8 +234,11 @@ def find_concept(
     # Where the prior's images came from, next to the search settings (the objective's part lists them).
     origin = None
     if cfg.prior_weight > 0:
-        origin = ({"source": "given"} if class_pictures is not None else
-                  {"source": "base model", "guidance_scale": cfg.class_guidance, "steps": CLASS_IMAGE_STEPS})
+        origin = (
+            {"source": "given"}
+            if class_pictures is not None
+            else {"source": "base model", "guidance_scale": cfg.class_guidance, "steps": CLASS_IMAGE_STEPS}
+        )
     result.settings["class_images"] = origin
     result.concept.metadata.setdefault("search", {})["class_images"] = origin
     return result

@@ -6,14 +6,13 @@ and seed give the same picture with and without a concept, and a grid's columns 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cones import GUIDANCE_SCALE
+from cones import GUIDANCE_SCALE, files
 
 
 def generate(
@@ -61,9 +60,12 @@ def grid(rows: Sequence[Sequence[Image.Image]], scale: int = 1) -> Image.Image:
 
 
 def save_atomic(image: Image.Image, path: str, overwrite: bool = False) -> None:
-    """Write a PNG through a temporary file, refusing to replace an existing file unless `overwrite`."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it.")
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    """Write a PNG atomically (`cones.files.write_image`), refusing to replace a file unless `overwrite`."""
+    files.write_image(image, path, overwrite=overwrite)
+
+
+def save_all(images: Sequence[tuple[str, Image.Image]], overwrite: bool = False) -> None:
+    """Write several images all or nothing (`cones.files.write_files`): on any error none of them is left."""
+    files.write_files(
+        [(path, files.image_writer(image, path)) for path, image in images], overwrite=overwrite
+    )

@@ -13,19 +13,23 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cones.errors import InputError
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_SIDE = 16  # pixels; below this there is nothing left of a subject to find
 MAX_PIXELS = 50_000_000  # refuse decompression bombs instead of exhausting memory
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """A reference image (or folder) that cannot be used; the message says what to do."""
 
 
 def list_images(folder: str) -> list[str]:
     """The image files in `folder`, sorted by name."""
     if not os.path.isdir(folder):
-        raise ImageError(f"`--images` {folder!r} is not a folder; pass a folder holding 3-5 photos of the subject.")
+        raise ImageError(
+            f"`--images` {folder!r} is not a folder; pass a folder holding 3-5 photos of the subject."
+        )
     files = sorted(
         os.path.join(folder, f)
         for f in os.listdir(folder)
@@ -68,7 +72,9 @@ def open_image(path: str) -> Image.Image:
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot read {path} as an image ({type(e).__name__}); remove or re-save it.") from None
+        raise ImageError(
+            f"cannot read {path} as an image ({type(e).__name__}); remove or re-save it."
+        ) from None
     if min(image.size) < MIN_SIDE:
         raise ImageError(
             f"{path} is {image.width}x{image.height}; use images at least {MIN_SIDE} px on each side."

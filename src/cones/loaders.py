@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cones import switching
+from cones.basemodel import BaseTargets, check_concept
 from cones.neurons import ConceptNeurons
 from cones.storage import load_concept_file
 
@@ -69,17 +70,23 @@ def load_concept(
     name: str | None = None,
     *,
     activate: bool = True,
+    force: bool = False,
 ) -> str:
     """Load a concept (object or `.cones` path) into `pipe`, check it fits `pipe.unet`; return its name.
 
     `name` defaults to the concept's token, else the file name, made unique. With `activate=True` the
     concept joins the active ones at once.
+
+    The concept must name only candidate key/value weights, all of the UNet's of its kinds, with their
+    shapes, and (when the file records one) the UNet's weights must match its base fingerprint; see
+    `cones.basemodel.check_concept`. Raises `ConceptMismatchError` otherwise; `force=True` applies a
+    concept whose fingerprint differs, with a `ConesWarning`. Nothing is loaded when it raises.
     """
     if isinstance(concept_or_path, ConceptNeurons):
-        concept = concept_or_path
+        concept, label = concept_or_path, None
     else:
-        concept = load_concept_file(concept_or_path)
-    concept.check_compatible(pipe.unet)
+        concept, label = load_concept_file(concept_or_path), os.fspath(concept_or_path)
+    check_concept(concept, BaseTargets.from_unet(pipe.unet), force=force, name=label)
     state = _state(pipe)
     if name is None:
         name = _default_name(concept, concept_or_path, state.loaded)

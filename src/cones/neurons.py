@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cones import switching
+from cones.errors import ConceptMismatchError
 
 
 def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -83,7 +84,22 @@ def _combined_fields(kind: str, concepts: tuple[ConceptNeurons, ...]) -> dict[st
         "token": tokens.pop() if len(tokens) == 1 else None,
         "class_word": class_words.pop() if len(class_words) == 1 else None,
         "metadata": {"combined": kind, "parts": parts},
+        "base_sha256": common_base_sha256(concepts),
     }
+
+
+def common_base_sha256(concepts: tuple[ConceptNeurons, ...] | list[ConceptNeurons]) -> dict[str, str] | None:
+    """The base fingerprint all `concepts` share: the digests they agree on, when they list the same
+    parameters in the same order (a fingerprint covers exactly those); None otherwise."""
+    first = concepts[0]
+    if not first.base_sha256 or any(list(c.shapes.items()) != list(first.shapes.items()) for c in concepts):
+        return None
+    common = {
+        dtype: digest
+        for dtype, digest in first.base_sha256.items()
+        if all((c.base_sha256 or {}).get(dtype) == digest for c in concepts)
+    }
+    return common or None
 
 
 @dataclass(eq=False, repr=False)
@@ -94,7 +110,9 @@ class ConceptNeurons:
     construction it has one entry per name in `shapes` (empty where a parameter holds no neuron), in the
     order of `shapes`. `shapes` lists every target parameter of the base model. `metadata` is free
     JSON-serialisable data; by convention `metadata["search"]` holds the settings of the search that
-    found the concept.
+    found the concept. `base_sha256` is the fingerprint of the base model's weights of `shapes`,
+    {dtype name: sha256 hex} (see `cones.basemodel.weights_sha256`), or None when unknown; it is not part of
+    equality, which compares the concepts themselves.
     """
 
     indices: dict[str, torch.Tensor]
@@ -102,6 +120,7 @@ class ConceptNeurons:
     token: str | None = None
     class_word: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    base_sha256: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         shapes = {name: _as_shape(name, shape) for name, shape in self.shapes.items()}
@@ -116,6 +135,7 @@ class ConceptNeurons:
             for name, shape in shapes.items()
         }
         self.metadata = dict(self.metadata)
+        self.base_sha256 = dict(self.base_sha256) if self.base_sha256 else None
 
     # -- constructors -------------------------------------------------------------------------------
 
@@ -128,6 +148,7 @@ class ConceptNeurons:
         token: str | None = None,
         class_word: str | None = None,
         metadata: dict[str, Any] | None = None,
+        base_sha256: dict[str, str] | None = None,
     ) -> ConceptNeurons:
         """Build a concept from boolean masks shaped like the parameters (True = concept neuron).
 
@@ -144,7 +165,14 @@ class ConceptNeurons:
                     f"`mask[{name!r}]` has shape {tuple(m.shape)}, expected {tuple(shapes[name])}"
                 )
             indices[name] = m.detach().reshape(-1).nonzero().reshape(-1).cpu()
-        return cls(indices, shapes, token=token, class_word=class_word, metadata=dict(metadata or {}))
+        return cls(
+            indices,
+            shapes,
+            token=token,
+            class_word=class_word,
+            metadata=dict(metadata or {}),
+            base_sha256=base_sha256,
+        )
 
     @classmethod
     def from_scores(
@@ -273,9 +301,14 @@ class ConceptNeurons:
 
     # -- the model ------------------------------------------------------------------------------------
 
-    def check_compatible(self, unet: torch.nn.Module) -> None:
-        """Raise ValueError naming the first target parameter that `unet` lacks or shapes differently."""
-        self.parameters_in(unet)
+    def check_compatible(self, unet: torch.nn.Module, *, force: bool = False) -> None:
+        """Raise `ConceptMismatchError` (a ValueError) unless the concept belongs to `unet`: it names only
+        candidate K/V weights, each with `unet`'s shape, lists all of `unet`'s of its kinds, and (when it
+        records one) matches the base fingerprint, which `force=True` turns into a warning. See
+        `cones.basemodel.check_concept`."""
+        from cones.basemodel import BaseTargets, check_concept
+
+        check_concept(self, BaseTargets.from_unet(unet), force=force)
 
     def parameters_in(self, unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """`unet`'s parameters named in `shapes`, after checking each exists with the recorded shape."""
@@ -284,12 +317,12 @@ class ConceptNeurons:
             try:
                 param = unet.get_parameter(name)
             except AttributeError:
-                raise ValueError(
+                raise ConceptMismatchError(
                     f"parameter `{name}` of the concept is missing from the {type(unet).__name__}; "
                     "the concept was made for another base model"
                 ) from None
             if tuple(param.shape) != shape:
-                raise ValueError(
+                raise ConceptMismatchError(
                     f"parameter `{name}` has shape {tuple(param.shape)} in the {type(unet).__name__} but "
                     f"{shape} in the concept; the concept was made for another base model"
                 )

@@ -44,11 +44,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +54,8 @@ import safetensors.numpy
 import torch
 from tqdm.auto import tqdm
 
-from cones import switching
+from cones import files, switching
+from cones.errors import InputError
 from cones.neurons import ConceptNeurons
 from cones.objective import Objective
 
@@ -86,7 +85,12 @@ _REGISTRY_ATTR = "_cones_tuned"
 _DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "quaternary": ("U8", np.uint8)}
 
 
-class ValuesFileError(ValueError):
+MAX_FILE_BYTES = (
+    4 * 2**23 + files.MAX_HEADER_BYTES + 4096
+)  # float32 values of the most neurons a .cones holds
+
+
+class ValuesFileError(InputError):
     """A `.cones-values` file is damaged, of another format version, or belongs to another concept."""
 
 
@@ -282,32 +286,19 @@ class TunedConcept:
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write the `.cones-values` file at `path`, atomically; never overwrites unless asked to."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"`path` {str(path)!r} exists; pass `overwrite=True` (`--overwrite`) to replace it"
-            )
-        data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        files.check_outputs([path], overwrite=overwrite)
+        files.write_bytes(path, self.to_bytes(), overwrite=overwrite)
 
 
 def read_values_header(data: bytes) -> dict[str, Any]:
     """The `cones_values` JSON object of a values file's bytes; `ValuesFileError` if there is none."""
-    if len(data) < 8:
-        raise ValuesFileError(f"it has {len(data)} bytes, too few for a safetensors header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValuesFileError(f"it declares a {size}-byte header but holds {len(data) - 8} bytes after it")
     try:
-        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-        info = json.loads(meta[METADATA_KEY])
+        header, _ = files.parse_safetensors_header(data)
+    except files.HeaderError as e:
+        raise ValuesFileError(str(e)) from None
+    try:
+        meta = header.get("__metadata__") or {}
+        info = files.loads_json(meta[METADATA_KEY], "its metadata")
     except (ValueError, KeyError, AttributeError, TypeError):
         raise ValuesFileError(
             f"it has no {METADATA_KEY!r} metadata; it is not a .cones-values file"
@@ -327,9 +318,31 @@ def read_values_header(data: bytes) -> dict[str, Any]:
     return info
 
 
+def _read_values_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    try:
+        return files.read_file(
+            path, max_bytes=max_bytes, what="a .cones-values file", hint="pass a .cones-values file"
+        )
+    except InputError as e:
+        raise ValuesFileError(str(e)) from None
+
+
+def read_values_file_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """`read_values_header` of the file at `path`, reading at most its header."""
+    try:
+        header, _, _ = files.read_safetensors_header(path, hint="pass a .cones-values file")
+    except InputError as e:
+        raise ValuesFileError(str(e)) from None
+    encoded = json.dumps(header).encode()
+    try:
+        return read_values_header(len(encoded).to_bytes(8, "little") + encoded)
+    except ValuesFileError as e:
+        raise ValuesFileError(f"cannot read {os.fspath(path)!r}: {e}") from None
+
+
 def load_values(path: str | os.PathLike[str], concept: ConceptNeurons) -> TunedConcept:
     """Read a `.cones-values` file for `concept`; `ValuesFileError` if damaged or for another concept."""
-    data = Path(path).read_bytes()
+    data = _read_values_file(path)
     try:
         return _parse(data, concept)
     except ValuesFileError as e:

@@ -95,6 +95,7 @@ def concatenate(*concepts: ConceptNeurons) -> ConceptNeurons:
         token=tokens.pop() if len(tokens) == 1 else None,
         class_word=class_words.pop() if len(class_words) == 1 else None,
         metadata={"combined": "concatenation", "parts": parts},
+        base_sha256=merged.base_sha256,
     )
 
 

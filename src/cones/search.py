@@ -36,12 +36,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from cones import files
+from cones.basemodel import weights_sha256
+from cones.errors import ConesError, InputError
 from cones.neurons import ConceptNeurons
 from cones.objective import Objective
 from cones.targets import Targets, target_parameters
@@ -63,7 +66,7 @@ CHECKPOINT_VERSION = 2  # 2: the objective's description is part of the fingerpr
 _CHECKPOINT_KEY = "cones_search"  # safetensors metadata key holding the checkpoint's JSON
 
 
-class SearchError(RuntimeError):
+class SearchError(ConesError, RuntimeError):
     """The search cannot produce a meaningful concept (non-finite loss or gradient, unusable checkpoint)."""
 
 
@@ -84,7 +87,7 @@ class SearchResult:
     # M_p per target parameter: the parameter's shape, float32 (float64 for a float64 model), on the CPU
     scores: dict[str, torch.Tensor]
     losses: list[float]  # L_con at step 0 … K−1
-    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, objective
+    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, …
 
     def select(self, *, threshold: float | None = None, sparsity: float | None = None) -> ConceptNeurons:
         """Select again from the same scores with another τ or sparsity, without searching again."""
@@ -98,6 +101,7 @@ class SearchResult:
             token=self.concept.token,
             class_word=self.concept.class_word,
             metadata={"search": settings},
+            base_sha256=self.concept.base_sha256,
         )
 
 
@@ -325,6 +329,7 @@ def find_concept_neurons(
         token=token,
         class_word=class_word,
         metadata={"search": settings},
+        base_sha256=weights_sha256(originals),
     )
     return SearchResult(concept=concept, scores=scores, losses=losses, settings=settings)
 
@@ -463,14 +468,46 @@ def _save_checkpoint(
     settings: dict[str, Any],
     theta0: dict[str, torch.Tensor],
 ) -> None:
-    """Write the state after `step` steps to `path` atomically (a temporary file, then `os.replace`)."""
+    """Write the state after `step` steps to `path` atomically (`cones.files.write_bytes`)."""
     tensors = {f"state.{key}": t.detach().cpu().contiguous() for key, t in state.items()}
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)  # (step,)
     tensors["theta0_checksums"] = _checksums(theta0)  # (params, 2)
     header = {"version": CHECKPOINT_VERSION, "step": step, "search": _fingerprint(settings, theta0)}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(tensors, tmp, metadata={_CHECKPOINT_KEY: json.dumps(header)})
-    os.replace(tmp, path)
+    data = safetensors.torch.save(tensors, metadata={_CHECKPOINT_KEY: json.dumps(header)})
+    files.write_bytes(path, data, overwrite=True)
+
+
+def check_checkpoint(path: str | os.PathLike, flag: str = "`checkpoint_path`") -> None:
+    """Raise `SearchError` (one line) unless `path` can be a checkpoint: a new file in a writable folder, or
+    an existing search checkpoint. Run before any slow work; settings are compared when resuming."""
+    if not os.path.lexists(path):
+        try:
+            files.check_outputs([path], flag=flag)
+        except files.OutputError as e:
+            raise SearchError(str(e)) from None
+        return
+    _checkpoint_header(path)
+
+
+def _checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of the checkpoint at `path`, read within bounds; `SearchError` if it is not one."""
+    shown = os.fspath(path)
+    fix = "delete it or pass a new path to start a new search"
+    try:
+        header, _, _ = files.read_safetensors_header(path, hint=fix)
+    except InputError as e:
+        raise SearchError(str(e).replace("cannot read ", "cannot read the checkpoint ", 1)) from None
+    meta = header.get("__metadata__")
+    text = meta.get(_CHECKPOINT_KEY) if isinstance(meta, dict) else None
+    if not isinstance(text, str):
+        raise SearchError(f"`checkpoint_path` {shown!r} is not a search checkpoint; {fix}.")
+    try:
+        value = files.loads_json(text, "its header")
+    except InputError as e:
+        raise SearchError(f"`checkpoint_path` {shown!r} is damaged ({e}); {fix}.") from None
+    if not isinstance(value, dict) or not isinstance(value.get("search"), dict):
+        raise SearchError(f"`checkpoint_path` {shown!r} is damaged (no search settings); {fix}.")
+    return value
 
 
 def _load_checkpoint(
@@ -480,13 +517,27 @@ def _load_checkpoint(
     theta0: dict[str, torch.Tensor],
 ) -> tuple[int, list[float]]:
     """Fill `state` in place from the checkpoint at `path`; return (steps done, loss history)."""
+    header = _checkpoint_header(path)
+    try:
+        return _read_checkpoint(path, header, state, settings, theta0)
+    except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        if isinstance(e, SearchError):
+            raise
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SearchError(
+            f"`checkpoint_path` {os.fspath(path)!r} is damaged ({reason}); delete it or pass a new path "
+            "to start a new search."
+        ) from None
+
+
+def _read_checkpoint(
+    path: str | os.PathLike,
+    header: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    settings: dict[str, Any],
+    theta0: dict[str, torch.Tensor],
+) -> tuple[int, list[float]]:
     with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if _CHECKPOINT_KEY not in meta:
-            raise SearchError(
-                f"`checkpoint_path` {os.fspath(path)!r} is not a search checkpoint; pass a new path."
-            )
-        header = json.loads(meta[_CHECKPOINT_KEY])
         if header.get("version") != CHECKPOINT_VERSION:
             raise SearchError(
                 f"`checkpoint_path` has checkpoint version {header.get('version')}, this cones reads "

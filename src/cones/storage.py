@@ -20,9 +20,20 @@ The safetensors header metadata holds one key, `"cones"`, whose value is this JS
     parameters      {name: {"shape": [...], "count": n}} for ALL target parameters of the base model,
                     in the model's order (count 0: no tensor is stored)
     metadata        free JSON object; by convention metadata["search"] holds the search settings
+    base_sha256     optional: {dtype: hex digest} of the base model's weights of these parameters (see
+                    `cones.basemodel.weights_sha256`), checked when the concept is applied
+
+Only the attention key/value weights that `cones.targets` makes candidates (`attn1`/`attn2` `to_k`/`to_v`,
+2-D) may be named: a file naming any other weight is refused before anything is decoded. A file is read
+only if it is a regular file of at most `MAX_FILE_BYTES`, with a header of at most 1 MiB; every count is
+checked against the declared shapes and the caps below before any index is decoded, so the memory a file
+can make cones use is bounded by those caps (a few hundred MB for the largest concept they admit, 2^23
+neurons), whatever it claims; a file the caps refuse costs no more than reading it (at most
+`MAX_FILE_BYTES`).
 
 `load_concept_file` validates all of it and turns any damaged file into one `ConceptFileError` with a
-one-line message; `save_concept` writes atomically and never overwrites unless asked to.
+one-line message; `save_concept` writes atomically (`cones.files`) and never overwrites unless asked to.
+The bytes depend only on the concept: the same search gives the same file.
 """
 
 from __future__ import annotations
@@ -30,31 +41,36 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from pathlib import Path
+import re
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 import torch
 
-from cones import __version__, codec
+from cones import __version__, codec, files
+from cones.errors import InputError
 from cones.neurons import ConceptNeurons
+from cones.targets import is_candidate
 
 FORMAT = "cones"
 FORMAT_VERSION = 1
 METADATA_KEY = "cones"
 ENCODINGS = ("rice", "int32")
-MAX_PARAMETER_NUMEL = 2**31 - 1  # every index fits the int32 form
-MAX_TOTAL_NUMEL = 2**33  # ~15x the attention K/V weights of SDXL
-MAX_TOTAL_NEURONS = 2**27  # ~25x a 10% concept over all of SDXL's K/V; bounds the memory a file can ask for
-MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
+MAX_PARAMETER_NUMEL = 2**26  # 40x the largest K/V weight of SD 1.x / 2.x (1280 x 1280)
+MAX_TOTAL_NUMEL = 2**31  # 4x all attention K/V weights of SDXL
+MAX_TOTAL_NEURONS = 2**23  # a third of SD 2.x's cross-attention K/V; 64 MiB of int64 indices at most
+MAX_HEADER_BYTES = files.MAX_HEADER_BYTES  # 1 MiB; a real concept's header is a few KB
+MAX_FILE_BYTES = 4 * MAX_TOTAL_NEURONS + MAX_HEADER_BYTES + 4096  # the int32 form of the most neurons
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the keys of `base_sha256`
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _DTYPES = {"rice": "U8", "int32": "I32"}  # safetensors dtype of each encoding
 
 
-class ConceptFileError(ValueError):
-    """A `.cones` file is damaged, malformed, or of an unsupported format version."""
+class ConceptFileError(InputError):
+    """A `.cones` file is missing, damaged, malformed, names weights a concept may not touch, or is of an
+    unsupported format version."""
 
 
 def save_concept(
@@ -64,23 +80,13 @@ def save_concept(
     encoding: str = "rice",
     overwrite: bool = False,
 ) -> None:
-    """Write `concept` to a `.cones` file at `path`, atomically (temporary file + `os.replace`)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"`path` {str(path)!r} exists; pass `overwrite=True` (`--overwrite`) to replace it"
-        )
-    data = concept_to_bytes(concept, encoding=encoding)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `concept` to a `.cones` file at `path`, atomically (see `cones.files.write_bytes`).
+
+    Raises `OutputExistsError` (a `FileExistsError`) if `path` exists, or appears while writing, and not
+    `overwrite`; `OutputError` (an `OSError`) if it cannot be written.
+    """
+    files.check_outputs([path], overwrite=overwrite)
+    files.write_bytes(path, concept_to_bytes(concept, encoding=encoding), overwrite=overwrite)
 
 
 def concept_to_bytes(concept: ConceptNeurons, *, encoding: str = "rice") -> bytes:
@@ -88,6 +94,11 @@ def concept_to_bytes(concept: ConceptNeurons, *, encoding: str = "rice") -> byte
     if encoding not in ENCODINGS:
         raise ValueError(f"`encoding` {encoding!r} is not supported; use one of {list(ENCODINGS)}")
     for name, shape in concept.shapes.items():
+        if not is_candidate(name) or len(shape) != 2:
+            raise ValueError(
+                f"parameter `{name}` of shape {shape} is not an attention key/value weight; a .cones file "
+                "holds only the candidates of `cones.targets` (attn1/attn2 to_k/to_v)"
+            )
         if math.prod(shape) > MAX_PARAMETER_NUMEL:
             raise ValueError(
                 f"parameter `{name}` has {math.prod(shape)} weights, more than a .cones file can hold"
@@ -122,6 +133,8 @@ def concept_to_bytes(concept: ConceptNeurons, *, encoding: str = "rice") -> byte
         },
         "metadata": concept.metadata,
     }
+    if concept.base_sha256:
+        header["base_sha256"] = dict(concept.base_sha256)
     try:
         header_json = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -130,8 +143,16 @@ def concept_to_bytes(concept: ConceptNeurons, *, encoding: str = "rice") -> byte
 
 
 def load_concept_file(path: str | os.PathLike[str]) -> ConceptNeurons:
-    """Read and fully validate a `.cones` file; raise `ConceptFileError` if it is damaged in any way."""
-    data = Path(path).read_bytes()
+    """Read and fully validate a `.cones` file; raise `ConceptFileError` if it is damaged in any way.
+
+    A missing path, a folder, a device or FIFO, or a file over `MAX_FILE_BYTES` is refused before it is read.
+    """
+    try:
+        data = files.read_file(
+            path, max_bytes=MAX_FILE_BYTES, what="a .cones file", hint="pass the path of a .cones file"
+        )
+    except InputError as e:
+        raise ConceptFileError(str(e)) from None
     try:
         return concept_from_bytes(data)
     except ConceptFileError as e:
@@ -153,38 +174,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ConceptFileError(f"the header holds the non-JSON constant {name}")
-
-
 def _read_header(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """The safetensors header (tensor entries) and the parsed cones JSON object."""
-    if len(data) < 8:
-        raise ConceptFileError(f"it has {len(data)} bytes, too few for a safetensors header")
-    size = int.from_bytes(data[:8], "little")
-    if size > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise ConceptFileError(
-            f"it declares a {size}-byte header but holds {len(data) - 8} bytes after the size field"
-        )
     try:
-        header = json.loads(data[8 : 8 + size].decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConceptFileError(f"its safetensors header is not JSON ({e})") from None
-    except RecursionError:
-        raise ConceptFileError("its safetensors header is nested too deeply") from None
-    if not isinstance(header, dict):
-        raise ConceptFileError("its safetensors header is not a JSON object")
+        header, _ = files.parse_safetensors_header(data, max_header=MAX_HEADER_BYTES)
+    except files.HeaderError as e:
+        raise ConceptFileError(str(e)) from None
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict) or not isinstance(metadata.get(METADATA_KEY), str):
         raise ConceptFileError(
             f"it has no {METADATA_KEY!r} metadata; it is a safetensors file but not a .cones file"
         )
     try:
-        info = json.loads(metadata[METADATA_KEY], parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise ConceptFileError(f"its {METADATA_KEY!r} metadata is not JSON ({e})") from None
-    except RecursionError:
-        raise ConceptFileError(f"its {METADATA_KEY!r} metadata is nested too deeply") from None
+        info = files.loads_json(metadata[METADATA_KEY], f"its {METADATA_KEY!r} metadata")
+    except files.HeaderError as e:
+        raise ConceptFileError(str(e)) from None
     if not isinstance(info, dict):
         raise ConceptFileError(f"its {METADATA_KEY!r} metadata is not a JSON object")
     return header, info
@@ -216,6 +220,15 @@ def _check_info(info: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], int]]:
         raise ConceptFileError("`metadata` is not a JSON object")
     if not isinstance(info["parameters"], dict):
         raise ConceptFileError("`parameters` is not a JSON object")
+    base = info.get("base_sha256")
+    if base is not None and not (
+        isinstance(base, dict)
+        and base
+        and all(k in DTYPE_NAMES and isinstance(v, str) and _SHA256.match(v) for k, v in base.items())
+    ):
+        raise ConceptFileError(
+            f"`base_sha256` must map some of {list(DTYPE_NAMES)} to sha256 hex digests, got {str(base)[:80]}"
+        )
 
     params: dict[str, tuple[tuple[int, ...], int]] = {}
     total = neurons = 0
@@ -224,17 +237,28 @@ def _check_info(info: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], int]]:
             raise ConceptFileError(
                 f"`parameters[{name!r}]` must be an object with exactly `shape` and `count`"
             )
-        shape, count = entry["shape"], entry["count"]
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+        if not is_candidate(name):
             raise ConceptFileError(
-                f"`parameters[{name!r}].shape` {shape!r} is not a list of non-negative ints"
+                f"it names the parameter `{str(name)[:120]}`, which is not an attention key/value weight; "
+                "a concept may only shut the attn1/attn2 to_k/to_v weights of `cones.targets`"
+            )
+        shape, count = entry["shape"], entry["count"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ConceptFileError(
+                f"`parameters[{name!r}].shape` {str(shape)[:80]} is not a list of non-negative ints"
+            )
+        if len(shape) != 2:
+            raise ConceptFileError(
+                f"`parameters[{name!r}].shape` {shape!r} is not 2-D, as every key/value weight is"
             )
         numel = math.prod(shape)
         total += numel
         if numel > MAX_PARAMETER_NUMEL or total > MAX_TOTAL_NUMEL:
             raise ConceptFileError(f"`parameters[{name!r}].shape` {shape!r} is implausibly large")
         if not _is_int(count) or not 0 <= count <= numel:
-            raise ConceptFileError(f"`parameters[{name!r}].count` {count!r} is not an int in [0, {numel}]")
+            raise ConceptFileError(
+                f"`parameters[{name!r}].count` {str(count)[:40]} is not an int in [0, {numel}]"
+            )
         neurons += count
         if neurons > MAX_TOTAL_NEURONS:
             raise ConceptFileError(f"it declares more than {MAX_TOTAL_NEURONS} neurons, implausibly many")
@@ -260,6 +284,12 @@ def _check_entries(
             raise ConceptFileError(f"tensor `{name}` must be 1-D, got shape {tshape!r}")
         if encoding == "int32" and tshape[0] != count:
             raise ConceptFileError(f"tensor `{name}` holds {tshape[0]} indices but its `count` is {count}")
+        numel = math.prod(shape)
+        codes = numel - count if 2 * count > numel else count  # what the bytes must spell out
+        if encoding == "rice" and tshape[0] < 1 + (codes + 7) // 8:
+            raise ConceptFileError(
+                f"tensor `{name}` has {tshape[0]} bytes, too few to hold the {codes} codes its `count` needs"
+            )
     missing = [name for name, (_, count) in params.items() if count and name not in header]
     if missing:
         raise ConceptFileError(
@@ -312,4 +342,5 @@ def _parse(data: bytes) -> ConceptNeurons:
         token=info["token"],
         class_word=info["class_word"],
         metadata=info["metadata"],
+        base_sha256=info.get("base_sha256"),
     )

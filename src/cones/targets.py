@@ -52,6 +52,18 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+CANDIDATES = TARGET_PRESETS["all"]  # the only weights a concept may ever shut
+
+
+def is_candidate(name: object) -> bool:
+    """Whether `name` is a parameter a concept may name: an attention key/value weight of `"all"`.
+
+    A concept file from a stranger may only shut these; `conv_in`, norms, `to_q` or the time embedding
+    are refused by the reader whatever the file says.
+    """
+    return isinstance(name, str) and any(_matches(name, pattern) for pattern in CANDIDATES)
+
+
 def target_parameters(unet: torch.nn.Module, targets: Targets = "cross") -> dict[str, torch.nn.Parameter]:
     """The UNet's candidate parameters, keyed by their names, in `named_parameters` order."""
     patterns = resolve_patterns(targets)

@@ -28,19 +28,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from cones import files
 from cones.objective import ConceptObjective
 from cones.search import SearchProgress
 
@@ -498,10 +498,7 @@ def save(
     names = {v: k for k, v in _DTYPES.items()}
     if dtype not in names:
         raise ValueError(f"`dtype` must be one of {list(_DTYPES)}, got {dtype}.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"`path` {str(path)!r} exists; pass `overwrite=True` (`--overwrite`) to replace it."
-        )
+    files.check_outputs([path], overwrite=overwrite)
     tensors = {f"unet.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in weights.unet.items()}
     tensors |= {f"token.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in weights.tokens.items()}
     header = {
@@ -511,21 +508,19 @@ def save(
         "dtype": names[dtype],
         "metadata": weights.metadata,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.write_bytes(
+        path,
+        safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(header)}),
+        overwrite=overwrite,
+    )
     return path.stat().st_size
 
 
 def load(path: str | os.PathLike[str]) -> BaselineWeights:
     """Read a file written by `save`; tensors come back in float32 on the CPU."""
     path = os.fspath(path)
+    # A regular file with a bounded header before safetensors maps it (never /dev/zero or a FIFO).
+    files.read_safetensors_header(path, hint="pass a file written by `cones.baselines.save`")
     try:
         with safe_open(path, framework="pt") as f:
             header = json.loads((f.metadata() or {}).get(METADATA_KEY, "null"))

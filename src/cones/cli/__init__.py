@@ -15,8 +15,10 @@ import os
 import pkgutil
 import sys
 
+from cones.errors import ConesError
 
-class UsageError(Exception):
+
+class UsageError(ConesError):
     """A mistake in what the user asked for; printed as one line, no traceback."""
 
 
@@ -95,7 +97,7 @@ def _is_user_error(error: Exception) -> bool:
 
     A `SearchError` can only come from a search that was imported, so its module is looked up, not imported.
     """
-    kinds: tuple[type[Exception], ...] = (UsageError, ValueError, FileExistsError, FileNotFoundError, OSError)
+    kinds: tuple[type[Exception], ...] = (ConesError, ValueError, FileExistsError, FileNotFoundError, OSError)
     search = sys.modules.get("cones.search")
     if search is not None:
         kinds += (search.SearchError,)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import types
 import typing
+import warnings
 
 
 def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = ()) -> None:
@@ -33,3 +36,18 @@ def config_from_args(config_cls, args, **overrides):
             values[f.name] = tuple(value) if isinstance(value, list) else value
     values.update(overrides)
     return config_cls(**values)
+
+
+@contextlib.contextmanager
+def reported_warnings(command: str):
+    """Print each `ConesWarning` raised inside the block once, as one `cones COMMAND: warning: ...` line."""
+    from cones.errors import ConesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConesWarning)
+        try:
+            yield
+        finally:
+            seen = dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ConesWarning))
+            for message in seen:
+                print(f"cones {command}: warning: {message}", file=sys.stderr)

@@ -49,21 +49,32 @@ def add_arguments(p) -> None:
     p.add_argument("--panel", type=int, default=128, help="panel size in pixels (default: 128)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="shut the concept even if the base model's weights differ from those it was found on",
+    )
 
 
 def run(args) -> int:
     from cones.cli import UsageError
+    from cones.files import check_output_folder
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"`--out` {args.out!r} exists; pass --overwrite to replace it")
+    if os.path.isdir(args.out):
+        raise UsageError(f"`--out` {args.out!r} is a folder; pass a .png file name")
+    check_output_folder(os.path.dirname(args.out) or ".", flag="the folder of --out")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"`--out` {args.out!r} is not a .png file; pass e.g. --out map.png")
     if args.panel < 16:
         raise UsageError(f"`--panel` {args.panel} is too small; pass 16 pixels or more, e.g. 128")
 
     from cones.attention import attention_figure, attention_maps, attention_maps_for_image
+    from cones.basemodel import BaseTargets, check_concept
+    from cones.cli._options import reported_warnings
     from cones.generate import save_atomic
-    from cones.pipeline import load_pipeline
+    from cones.pipeline import load_pipeline, resolve_model
     from cones.storage import load_concept_file
 
     concept = load_concept_file(args.concept) if args.concept else None
@@ -72,9 +83,13 @@ def run(args) -> int:
         from cones.images import open_image
 
         image = open_image(args.image)
-    pipe = load_pipeline(args.model, device=args.device)
-    if concept is not None:
-        concept.check_compatible(pipe.unet)
+    base = BaseTargets.from_model_path(resolve_model(args.model)) if concept is not None else None
+    with reported_warnings(NAME):
+        if base is not None:  # decided before the model loads
+            check_concept(concept, base, force=args.force, name=args.concept)
+        pipe = load_pipeline(args.model, device=args.device)
+        if concept is not None and base is None:
+            check_concept(concept, BaseTargets.from_unet(pipe.unet), force=args.force, name=args.concept)
 
     def maps(shut):
         common = dict(seed=args.seed, steps=args.steps, guidance_scale=args.guidance, concept=shut)

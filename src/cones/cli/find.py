@@ -26,59 +26,102 @@ def add_arguments(p) -> None:
     p.add_argument("--token", required=True, help="the rare identifier word bound to the subject, e.g. sks")
     p.add_argument("--class-word", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--out", required=True, help="the .cones file to write")
-    p.add_argument("--model", default=None, help="Stable Diffusion folder (default: the embedded world model)")
+    p.add_argument(
+        "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"
+    )
     p.add_argument("--class-images", default=None, help="folder of class images (default: generated, cached)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cones", "class-images"),
-                   help="where generated class images are cached (default: %(default)s)")
+    p.add_argument(
+        "--cache-dir",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "cones", "class-images"),
+        help="where generated class images are cached (default: %(default)s)",
+    )
     p.add_argument("--checkpoint", default=None, help="checkpoint file: resume an interrupted search from it")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                   help="weights' precision; fp16/bf16 on a GPU (default: fp32)")
-    p.add_argument("--config", default=None,
-                   help="a local diffusers folder of the same SD version, for a single-file --model checkpoint")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, a little slower")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="weights' precision; fp16/bf16 on a GPU (default: fp32)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, a little slower",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--format", choices=("text", "json"), default="text", help="how to print the summary")
     add_config_arguments(p, FindConfig)
 
 
 def run(args) -> int:
+    from cones import files
     from cones.cli import UsageError
+    from cones.cli._options import reported_warnings
     from cones.find import FindConfig, find_concept
     from cones.images import list_images, load_images, model_resolution
     from cones.pipeline import load_pipeline, resolve_model
     from cones.registry import default_model
+    from cones.search import check_checkpoint
 
-    # 1. Check everything the user gave before any slow work (--threshold replaces the default sparsity).
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"{args.out} exists; pass --overwrite to replace it.")
+    # 1. Check everything the user gave before any slow work (--threshold replaces the default sparsity):
+    # the output's folder and name, the checkpoint, the images, the model.
     if not args.out.endswith(".cones"):
         raise UsageError(f"`--out` {args.out!r} should end in .cones; e.g. --out {args.token}.cones")
-    config = config_from_args(FindConfig, args, sparsity=None if args.threshold is not None else args.sparsity)
+    files.check_outputs([args.out], overwrite=args.overwrite, flag="--out")
+    if args.checkpoint:
+        check_checkpoint(args.checkpoint, flag="--checkpoint")
+    config = config_from_args(
+        FindConfig, args, sparsity=None if args.threshold is not None else args.sparsity
+    )
     paths = list_images(args.images)
     class_paths = list_images(args.class_images) if args.class_images else None
     model = resolve_model(args.model)
 
     # 2. Load the model and the images.
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.config,
-                         gradient_checkpointing=args.gradient_checkpointing)
+    pipe = load_pipeline(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=args.config,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     size = model_resolution(pipe)
     images, _ = load_images(paths, size)
     class_pictures = load_images(class_paths, size)[1] if class_paths else None
     tokens = pipe.tokenizer.tokenize(args.token)
     if len(tokens) != 1 or pipe.tokenizer.convert_tokens_to_ids(tokens[0]) == pipe.tokenizer.unk_token_id:
-        raise UsageError(f"`--token` {args.token!r} is {len(tokens)} tokens for this model's tokenizer; "
-                         "pick a rare word that is one token (sks, xqz, ...).")
+        raise UsageError(
+            f"`--token` {args.token!r} is {len(tokens)} tokens for this model's tokenizer; "
+            "pick a rare word that is one token (sks, xqz, ...)."
+        )
 
-    # 3. Search, then save.
+    # 3. Search, then save. The file holds only what the search determines (no timings), so that the same
+    # search gives the same bytes; the time goes to the summary.
     started = time.time()
-    result = find_concept(pipe, images, token=args.token, class_word=args.class_word, config=config,
-                          class_pictures=class_pictures, cache_dir=args.cache_dir, checkpoint_path=args.checkpoint)
+    with reported_warnings(NAME):  # e.g. class images that could not be cached
+        result = find_concept(
+            pipe,
+            images,
+            token=args.token,
+            class_word=args.class_word,
+            config=config,
+            class_pictures=class_pictures,
+            cache_dir=args.cache_dir,
+            checkpoint_path=args.checkpoint,
+        )
     seconds = time.time() - started
     concept = result.concept
-    concept.metadata.update({"base_model": os.path.abspath(model) if args.model else default_model().name,
-                             "search_seconds": round(seconds, 1), "reference_images": len(paths)})
+    concept.metadata.update(
+        {
+            "base_model": os.path.abspath(model) if args.model else default_model().name,
+            "reference_images": len(paths),
+        }
+    )
     concept.save(args.out, overwrite=args.overwrite)
     summary = {
         "out": args.out,
@@ -91,6 +134,8 @@ def run(args) -> int:
     if args.format == "json":
         print(json.dumps(summary, indent=2))
     else:
-        print(f"wrote {args.out}: {concept.num_neurons} concept neurons ({100 * concept.sparsity:.2f}% of "
-              f"{config.targets} K/V weights), {summary['bytes'] / 1024:.1f} KiB, found in {seconds:.0f} s")
+        print(
+            f"wrote {args.out}: {concept.num_neurons} concept neurons ({100 * concept.sparsity:.2f}% of "
+            f"{config.targets} K/V weights), {summary['bytes'] / 1024:.1f} KiB, found in {seconds:.0f} s"
+        )
     return 0

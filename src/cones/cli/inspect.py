@@ -29,17 +29,13 @@ def add_arguments(p) -> None:
 
 def summary(path: str) -> dict[str, Any]:
     """Everything `inspect` reports about a validated `.cones` file, as JSON-ready data."""
-    from safetensors import safe_open
-
+    from cones import files
     from cones.codec import entropy_bound_bits
     from cones.storage import METADATA_KEY, load_concept_file
 
-    concept = load_concept_file(path)  # validates the whole file
-    with safe_open(path, framework="np") as f:
-        header = json.loads(f.metadata()[METADATA_KEY])
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header_bytes = 8 + int.from_bytes(f.read(8), "little")
+    concept = load_concept_file(path)  # validates the whole file, within bounds
+    raw, header_bytes, size = files.read_safetensors_header(path)
+    header = json.loads(raw["__metadata__"][METADATA_KEY])
     bound_bits = sum(
         entropy_bound_bits(math.prod(shape), concept.indices[name].numel())
         for name, shape in concept.shapes.items()
@@ -76,10 +72,9 @@ def summary(path: str) -> dict[str, Any]:
 
 def values_summary(path: str) -> dict[str, Any]:
     """What `inspect` reports about a `.cones-values` file (its header; the values need their concept)."""
-    from cones.precision import read_values_header, values_bytes
+    from cones.precision import read_values_file_header, values_bytes
 
-    with open(path, "rb") as f:
-        info = read_values_header(f.read())
+    info = read_values_file_header(path)
     counts = info["counts"]
     neurons = sum(counts.values())
     return {
@@ -193,17 +188,18 @@ def _text(info: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
+    from cones import files
     from cones.cli import UsageError
     from cones.precision import ValuesFileError
     from cones.storage import ConceptFileError
 
-    if not os.path.isfile(args.path):
-        raise UsageError(f"`path` {args.path!r} is not a file; pass a .cones file")
-    if args.plot and os.path.exists(args.plot) and not args.overwrite:
-        raise UsageError(f"`--plot` {args.plot!r} exists; pass --overwrite to replace it")
+    if args.plot:
+        files.check_outputs([args.plot], overwrite=args.overwrite, flag="--plot")
     try:
         info = summary(args.path)
     except ConceptFileError as concept_error:
+        if not os.path.isfile(args.path):
+            raise  # missing, a folder, a device: the reader's line says so
         try:
             info = values_summary(args.path)
         except ValuesFileError:

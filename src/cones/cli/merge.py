@@ -72,14 +72,14 @@ def overlap_plot(pairs: list[dict]):
 
 
 def run(args) -> int:
+    from cones import files
     from cones.refine import concatenate, parts_of
-    from cones.storage import load_concept_file, save_concept
+    from cones.storage import concept_to_bytes, load_concept_file
 
     if len(args.concepts) < 2:
         raise UsageError(f"`CONCEPT` got {len(args.concepts)} file; give two or more .cones files to merge.")
-    for path in [args.output] + ([args.plot] if args.plot else []):
-        if os.path.exists(path) and not args.overwrite:
-            raise FileExistsError(f"`{path}` exists; pass --overwrite to replace it.")
+    outputs = [args.output] + ([args.plot] if args.plot else [])
+    files.check_outputs(outputs, overwrite=args.overwrite)
     concepts = [load_concept_file(path) for path in args.concepts]
     names = [os.path.basename(path) for path in args.concepts]
     try:
@@ -95,11 +95,10 @@ def run(args) -> int:
             file=sys.stderr,
         )
     pairs = overlap_summary(concepts, names)
-    save_concept(merged, args.output, overwrite=args.overwrite)
+    written: list[tuple[str, bytes | object]] = [(args.output, concept_to_bytes(merged))]
     if args.plot:
-        from cones.generate import save_atomic
-
-        save_atomic(overlap_plot(pairs), args.plot, overwrite=args.overwrite)
+        written.append((args.plot, files.image_writer(overlap_plot(pairs), args.plot)))
+    files.write_files(written, overwrite=args.overwrite)  # both or neither
 
     summary = {
         "output": args.output,
