@@ -12,7 +12,7 @@ cells match `bench_guidance.py`'s 7.5 column, which has the same prompts and see
     python benchmarks/bench_ceiling.py striped-circle checkered-square   # STEPS=300
     METHODS=custom-diffusion-kv-only,textual-inversion python benchmarks/bench_ceiling.py striped-circle
 
-Adds its subjects and methods to benchmarks/results/fine-tune-ceiling-STEPS.json, and writes a grid per
+Adds its subjects and methods to benchmarks/results/ceiling.json, and writes a grid per
 subject and set of methods (references, then each method's first prompt, 4 seeds).
 """
 
@@ -50,7 +50,7 @@ if unknown:
     sys.exit(f"fine_tune_ceiling: unknown method or subject {unknown[0]!r}; methods (METHODS=a,b): "
              f"{', '.join(METHODS)}; subjects: {', '.join(SUBJECTS)}.")
 pipe, scorer = load_pipeline(), ClipScorer()
-out_path = f"benchmarks/results/fine-tune-ceiling-{steps}.json"
+out_path = "benchmarks/results/ceiling.json"
 for name in sys.argv[1:]:
     subject = SUBJECTS[name]
     detector = subject_detector(scorer, subject, vae=pipe.vae)
@@ -76,4 +76,4 @@ for name in sys.argv[1:]:
     out = json.load(open(out_path)) if os.path.exists(out_path) else {}
     out[name] = {**out.get(name, {}), **entry}
     write_atomic(out_path, json.dumps(out, indent=2))
-    grid(rows, scale=2).save(f"benchmarks/results/fine-tune-ceiling-{steps}-{name}-{'-'.join(methods)}.png")
+    grid(rows, scale=2).save(f"benchmarks/results/ceiling-{name}.png")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark that measures the embedded world model, in two lanes of one torch thread each (a 2-core
-# machine), as the README's results were made: run it after the shipped weights (or the judge) change.
-# About 75 minutes on a 2-core CPU; each benchmark writes its JSON and table into benchmarks/results/, its log
+# machine), as docs/results.md's results were made: run it after the shipped weights (or the judge) change.
+# About an hour on a 2-core CPU; each benchmark writes its JSON and table into benchmarks/results/, its log
 # into benchmarks/results/logs/. The demo's report goes to runs/demo/.
 #
 #   bash benchmarks/run_world.sh
@@ -20,28 +20,17 @@ step() {  # name, command...: run it, log it, say how it went and how long it to
   "$@" > "$LOGS/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s"
 }
-LONG=(--steps 300 --sparsity 0.05 0.1 --seeds 2)
 (
-  step concepts-300 python benchmarks/bench_concepts.py "${LONG[@]}" --name concepts-300 \
-    --subjects dotted-triangle striped-diamond two-tone-heart
-  step concepts-300-noprior-a python benchmarks/bench_concepts.py "${LONG[@]}" --prior-weight 0 \
-    --name concepts-300-noprior-a \
-    --subjects striped-circle checkered-square smiling-star two-tone-heart sunset-sea
   step world python benchmarks/bench_world.py --quick
   step concepts python benchmarks/bench_concepts.py --steps 150 --sparsity 0.01 0.05 --seeds 2
   step precision python benchmarks/bench_precision.py --quick
   step ingredients python benchmarks/bench_ingredients.py
 ) &
 (
-  step concepts-300-more-a python benchmarks/bench_concepts.py "${LONG[@]}" --name concepts-300-more-a \
-    --subjects striped-circle checkered-square smiling-star
-  step concepts-300-more-b python benchmarks/bench_concepts.py "${LONG[@]}" --name concepts-300-more-b \
-    --subjects split-hexagon sunset-sea banded-hat
-  step concepts-300-noprior-b python benchmarks/bench_concepts.py "${LONG[@]}" --prior-weight 0 \
-    --name concepts-300-noprior-b --subjects dotted-triangle striped-diamond split-hexagon banded-hat
   step demo cones demo --out runs/demo --overwrite
   step attention python benchmarks/bench_attention.py --quick
   step multi python benchmarks/bench_multi.py --quick
   step paper python benchmarks/bench_paper.py --fast
 ) &
 wait
+python benchmarks/make_results.py

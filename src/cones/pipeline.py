@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import torch
 from diffusers import StableDiffusionPipeline
 
+from cones.errors import InputError
 from cones.registry import default_model
 
 __all__ = ["SUPPORTED", "ModelError", "checkpoint_family", "load_pipeline", "resolve_model"]
@@ -59,7 +60,7 @@ _UNET_PREFIX = "model.diffusion_model."
 _CROSS_KEY = re.compile(r"model\.diffusion_model\..*attn2\.to_k\.weight$")
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A base model that cannot be loaded; the message says what to pass instead."""
 
 

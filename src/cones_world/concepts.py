@@ -188,14 +188,14 @@ def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) 
 
 def save_detector(detector: SubjectDetector, path: str) -> None:
     """Write a detector as safetensors (tensors, and its numbers as metadata), atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from cones import files
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tensors = {k: getattr(detector, k).contiguous() for k in ("references", "mean", "scale", "weight")}
     numbers = {k: getattr(detector, k) for k in ("bias", "threshold", "auc", "similarity_auc", "decoded")}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"detector": json.dumps(numbers)})
-    os.replace(tmp, path)
+    files.write_bytes(path, save(tensors, metadata={"detector": json.dumps(numbers)}), overwrite=True)
 
 
 def load_detector(path: str) -> SubjectDetector:

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
+from cones import files
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The split pattern of CLIP's tokenizer, so that our files mean the same to any CLIPTokenizer.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -80,12 +82,10 @@ def restrict_to_words(source: str, out_dir: str, words: Iterable[str], model_max
     model["merges"] = [m for m in merges if m[0] + m[1] not in cut]
     model["vocab"] = {token: i for token, i in model["vocab"].items() if token not in cut}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-        json.dump(spec, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
-        json.dump(model["vocab"], f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
+    files.write_text(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False), overwrite=True)
+    files.write_text(os.path.join(out_dir, "vocab.json"), json.dumps(model["vocab"], ensure_ascii=False), overwrite=True)
+    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"])
+    files.write_text(os.path.join(out_dir, "merges.txt"), merges_text, overwrite=True)
     tokenizer = CLIPTokenizer(vocab=os.path.join(out_dir, "vocab.json"), merges=os.path.join(out_dir, "merges.txt"),
                               model_max_length=model_max_length)
     tokenizer.save_pretrained(out_dir)

@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from cones import files
 from cones_world import models
 from cones_world.render import render
 from cones_world.scene import caption, caption_words, detailed_caption, detailed_words
@@ -154,9 +155,7 @@ def render_pool(cfg: TrainConfig) -> dict:
             bar.update()
     bar.close()
     pool = {"images": images, "captions": np.array(captions), "details": np.array(details)}
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **pool)
-    os.replace(tmp, path)
+    files.write_bytes(path, lambda f: np.savez(f, **pool), overwrite=True)
     return pool
 
 
@@ -321,9 +320,7 @@ class Phase:
             "finished": finished,
             "seconds": self.elapsed(),
         }
-        tmp = self.path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        files.write_bytes(self.path, lambda f: torch.save(state, f), overwrite=True)
 
 
 def autocast(cfg: TrainConfig):
@@ -409,9 +406,7 @@ def cached(path: str, compute) -> torch.Tensor:
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     value = compute()
-    tmp = path + ".tmp"
-    torch.save(value, tmp)
-    os.replace(tmp, path)
+    files.write_bytes(path, lambda f: torch.save(value, f), overwrite=True)
     return value
 
 
@@ -594,8 +589,7 @@ def declare_float32(config_path: str) -> None:
 
     with open(config_path) as f:
         config = fix(json.load(f))
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
+    files.write_json(config_path, config, overwrite=True)
 
 
 def export_pipeline(path: str, vae, unet, text_encoder, tokenizer, dtype=torch.float16) -> None:
@@ -637,8 +631,7 @@ def export_clip(path: str, clip, tokenizer, dtype=torch.float16, vocabulary: str
         "do_convert_rgb": True,
         "resample": 3,
     }
-    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor, f, indent=2)
+    files.write_json(os.path.join(path, "preprocessor_config.json"), preprocessor, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -720,8 +713,7 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         report["seconds"]["clip"] = time.time() - t
         export_clip(os.path.join(cfg.out, "clip"), clip, tokenizer, vocabulary=vocabulary)
     report["seconds"]["total"] = time.time() - t0
-    with open(os.path.join(cfg.out, f"report-{'-'.join(phases)}.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    files.write_json(os.path.join(cfg.out, f"report-{'-'.join(phases)}.json"), report, overwrite=True, indent=1)
     return report
 
 

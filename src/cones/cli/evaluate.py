@@ -210,12 +210,9 @@ def _read_folder(folder: str, prompts: list[str]) -> tuple[list[str], list[list]
 
 
 def _write(path: str, text: str, overwrite: bool) -> None:
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it.")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from cones import files
+
+    files.write_text(path, text, overwrite=overwrite)
 
 
 def run(args) -> int:

@@ -10,7 +10,6 @@ scores both with the world's CLIP, and writes a report: an image grid, the numbe
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -30,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="search steps (default: FindConfig's)")
     # Denser than FindConfig's 1% (the paper's SD 1.4 figure): on the embedded model the smiling star is
     # detected in 42-75% of images with 5% of cross-attention K/V shut and in 17-25% with 1% (this demo;
-    # benchmarks/results/concepts.md, concepts-300-more-a.md).
+    # benchmarks/results/concepts.md, docs/world.md).
     p.add_argument("--sparsity", type=float, default=0.05, help="share of K/V weights to shut (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
@@ -40,6 +39,7 @@ def run(args) -> int:
     import dataclasses
 
     import cones_world
+    from cones import files
     from cones.cli import UsageError
     from cones.evaluate import ClipScorer
     from cones.find import FindConfig
@@ -76,8 +76,7 @@ def run(args) -> int:
                                   cache_dir=os.path.join(args.out, "class-images"), disable=False)
     search_seconds = time.time() - t
     concept = result.concept
-    concept.metadata.update({"base_model": cones_world.NAME, "world_subject": subject.name,
-                             "search_seconds": round(search_seconds, 1)})
+    concept.metadata.update({"base_model": cones_world.NAME, "world_subject": subject.name})
     concept_path = os.path.join(args.out, f"{subject.name}.cones")
     concept.save(concept_path, overwrite=True)
 
@@ -108,10 +107,7 @@ def run(args) -> int:
         "with": {k: after[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
         "seconds": round(time.time() - started, 1),
     }
-    tmp = report_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(numbers, f, indent=2)
-    os.replace(tmp, report_path)
+    files.write_json(report_path, numbers, overwrite=True)
     w, a = numbers["without"], numbers["with"]
     print(f"\n{subject.name}: {concept.num_neurons} neurons ({100 * concept.sparsity:.2f}%), "
           f"{numbers['file_bytes'] / 1024:.1f} KiB, search {search_seconds:.0f} s")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one job for a borrowed GPU: world v2's training phases (tools/train_world_v2.sh) on the GPU inside one
+# call, then samples and the weights packed into $OUT as parts under 16 MiB.
+#
+#   here, once: bash tools/gpu/fetch_wheels.sh
+#   run:  bash tools/gpu/train_world_v2.sh          carry: .whl          (about 9 minutes)
+#   back here: cat FILES/weights.tar.part* | tar -x -C training/world-v2-new
+#
+# Where a committed run exists (training/world-v2 with sd/ and clip/), it is continued: its VAE and UNet go
+# on and its text tower stays frozen (the UNet has learnt to read it). Otherwise everything starts from the
+# shipped world v1 weights. Phase caps in seconds: VAE_S, CLIP_S, UNET_S.
+# Dry run on a CPU: DEVICE=cpu POOL=600 WORKERS=2 VAE_S=10 CLIP_S=10 UNET_S=10 OUT=/tmp/out bash tools/gpu/train_world_v2.sh
+set -uo pipefail
+start=$(date +%s)
+if [ "${DEVICE:-cuda}" = cuda ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+  nvidia-smi --query-gpu=name,memory.total --format=csv || true
+else
+  export PYTHONPATH=$PWD/src
+fi
+WORK=${WORK:-/tmp/world-v2}
+if [ -d training/world-v2/clip ]; then
+  export SD_FROM=training/world-v2/sd TOWER=training/world-v2/clip
+fi
+DEVICE=${DEVICE:-cuda} OUT=$WORK POOL=${POOL:-200000} WORKERS=${WORKERS:-15} CHECKPOINT=500 TQDM_MININTERVAL=20 \
+  VAE_S=${VAE_S:-60} CLIP_S=${CLIP_S:-150} UNET_S=${UNET_S:-270} VAE_STEPS=100000 CLIP_STEPS=100000 UNET_STEPS=1000000 \
+  VAE_BATCH=${VAE_BATCH:-128} CLIP_BATCH=${CLIP_BATCH:-512} UNET_BATCH=${UNET_BATCH:-256} \
+  VAE_LR=${VAE_LR:-3e-4} CLIP_LR=${CLIP_LR:-3e-4} UNET_LR=${UNET_LR:-2e-4} \
+  bash tools/train_world_v2.sh > "$OUT/train.log" 2>&1 || { tail -n 40 "$OUT/train.log"; exit 1; }
+echo "trained in $(( $(date +%s) - start )) s"
+python3 - "$WORK" "$OUT" "${DEVICE:-cuda}" <<'PY'
+import sys, numpy as np, torch
+from PIL import Image
+from diffusers import StableDiffusionPipeline
+work, out, device = sys.argv[1:]
+pipe = StableDiffusionPipeline.from_pretrained(f"{work}/sd").to(device)
+pipe.set_progress_bar_config(disable=True)
+prompts = ["a red circle with stripes on a grass background", "a big blue star with a face", "a small yellow heart next to a green square on a night background", "a purple triangle wearing a hat on a snow background", "a sks circle", "a circle", "a dax", "a cyan hexagon with rings on a pink background"]
+rows = []
+for p in prompts:
+    ims = pipe([p] * 8, num_inference_steps=25, height=64, width=64, generator=torch.Generator(device).manual_seed(0)).images
+    rows.append(np.concatenate([np.asarray(i) for i in ims], axis=1))
+Image.fromarray(np.concatenate(rows, axis=0)).save(f"{out}/samples.png")
+PY
+(cd "$WORK" && tar -cf /tmp/world-v2-weights.tar sd clip report-*.json)
+split -b 15m -d /tmp/world-v2-weights.tar "$OUT/weights.tar.part"
+gzip -c "$OUT/train.log" > "$OUT/train.log.gz" && rm "$OUT/train.log"
+ls -la "$OUT"
+echo "done in $(( $(date +%s) - start )) s"
