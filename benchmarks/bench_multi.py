@@ -59,6 +59,7 @@ from results_io import DETECTOR_CACHE, RESULTS, save_results
 import cones
 from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifiers, text_alignment
 from cones.find import FindConfig, find_concept
+from cones.fingerprint import model_fingerprint
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
 from cones.pipeline import load_pipeline
@@ -152,15 +153,6 @@ def log(message: str) -> None:
 def fingerprint(*parts) -> str:
     """A cache key of `parts` (each key's parts include the FindConfig, and with it the class images' guidance)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def model_fingerprint(pipe) -> str:
-    """A hash of the UNet's weights, so that cached concepts are never reused on another model."""
-    digest = hashlib.sha256()
-    for name, p in pipe.unet.named_parameters():
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def cached(path: Path, make) -> tuple[ConceptNeurons, float]:

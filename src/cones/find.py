@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from cones import GUIDANCE_SCALE
+from cones.fingerprint import model_fingerprint
 from cones.images import model_resolution, to_tensor
 from cones.memory import loss_scaled
 from cones.objective import ConceptObjective, ObjectiveConfig
@@ -66,7 +67,7 @@ def class_images(
     from cones.generate import generate
 
     key = hashlib.sha256(
-        json.dumps([_model_id(pipe), prompt, n, seed, steps, guidance_scale]).encode()
+        json.dumps([model_fingerprint(pipe), prompt, n, seed, steps, guidance_scale]).encode()
     ).hexdigest()[:16]
     folder = os.path.join(cache_dir, key) if cache_dir else None
     if folder and os.path.isdir(folder):
@@ -85,13 +86,6 @@ def class_images(
         except OSError:  # another process filled the cache first
             shutil.rmtree(tmp, ignore_errors=True)
     return images
-
-
-def _model_id(pipe) -> str:
-    """What identifies the base model for the class-image cache: its folder and a weight fingerprint."""
-    name = getattr(pipe.config, "_name_or_path", "") or ""
-    first = next(iter(pipe.unet.parameters()))
-    return f"{name}:{first.flatten()[:16].double().sum().item():.8e}:{sum(p.numel() for p in pipe.unet.parameters())}"
 
 
 def concept_objective(

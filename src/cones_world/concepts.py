@@ -175,7 +175,7 @@ def _fit_detector(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae)
 def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> str:
     """A digest of everything a detector depends on: the CLIP's and the VAE's weights, the image
     normalisation, the sizes, and the subject's renders (so a change to the renderer or the subject shows)."""
-    from cones_world.train import weights_fingerprint
+    from cones.fingerprint import weights_fingerprint
 
     weights = [weights_fingerprint(scorer.model), weights_fingerprint(vae) if vae is not None else None]
     settings = [subject.name, n, n_fit, list(scorer.mean), list(scorer.std), weights]
