@@ -200,7 +200,7 @@ def test_subject_concepts_in_one_process(tiny_pipe_path, tmp_path):
 
 
 def test_float16_subject_concepts_are_loss_scaled(tiny_pipe_path, tmp_path, monkeypatch):
-    from cones.memory import LossScaled
+    from cones.dtypes import LossScaled
 
     seen = []  # scales the gradients were divided by: the search's hook went through LossScaled
     unscale = LossScaled.unscale

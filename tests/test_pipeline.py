@@ -16,14 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cones.memory import (
-    LossScaled,
-    attention_processors,
-    gradient_checkpointing,
-    memory_settings,
-    resolve_dtype,
-    uses_sdpa,
-)
+from cones.dtypes import LossScaled, resolve_dtype
+from cones.memory import attention_processors, gradient_checkpointing, memory_settings, uses_sdpa
 from cones.neurons import ConceptNeurons, overlap
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.pipeline import ModelError, checkpoint_family, load_pipeline, resolve_model

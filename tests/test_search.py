@@ -526,7 +526,7 @@ def test_checkpoint_of_another_objective_is_refused_and_the_objective_is_recorde
     assert (recorded["subject_images"], recorded["class_images"], recorded["seed"]) == (3, 4, 0)
     # wrappers that change no value of the loss describe it as the objective they wrap
     from cones.distributed import DistributedObjective
-    from cones.memory import LossScaled
+    from cones.dtypes import LossScaled
 
     assert LossScaled(tiny_objective(tiny_pipe)).describe() == recorded
     assert DistributedObjective(tiny_objective(tiny_pipe)).describe() == recorded

@@ -19,7 +19,7 @@ The loss each process reports is the global L_con (one scalar all-reduce per ste
 the non-finite guard and any `callback` agree across processes. Checkpoints: rank 0 writes the given path;
 `rank_checkpoint_path` gives each other rank a private copy of rank 0's file, so a resumed search starts
 every process from the same step (the path must be on a file system all processes see). In float16 with
-loss scaling (`cones.memory.LossScaled`), wrap the distributed objective and sum before unscaling,
+loss scaling (`cones.dtypes.LossScaled`), wrap the distributed objective and sum before unscaling,
 `gradient_hook=lambda g: scaled.unscale(allreduce_gradients(g))`, so that an overflow on any process stops
 every process.
 
@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cones.memory import loss_scaled
+from cones.dtypes import loss_scaled
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 from cones.targets import Targets
@@ -449,7 +449,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cones.memory import resolve_dtype
+    from cones.dtypes import resolve_dtype
     from cones.pipeline import ModelError, load_pipeline
 
     args = _parser().parse_args(argv)

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from cones import GUIDANCE_SCALE
+from cones.dtypes import loss_scaled
 from cones.fingerprint import model_fingerprint
 from cones.images import model_resolution, to_tensor
-from cones.memory import loss_scaled
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
 

@@ -200,7 +200,7 @@ def find_concept_neurons(
         gradient_hook: called each step with ∇_θ L of the targets (in `named_parameters` order, the model's
             dtype) before they are checked and used; returns the gradients to use instead, same shapes. E.g.
             the sum over processes (`cones.distributed.allreduce_gradients`) or the unscaled gradients of a
-            loss-scaled half-precision search (`cones.memory.LossScaled.unscale`).
+            loss-scaled half-precision search (`cones.dtypes.LossScaled.unscale`).
     Returns:
         A `SearchResult` with the concept, the scores M_p, the loss history and the settings.
     Raises:
