@@ -62,6 +62,7 @@ from cones.find import FindConfig, find_concept
 from cones.fingerprint import model_fingerprint
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
+from cones.patches import applied
 from cones.pipeline import load_pipeline
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
 from cones.refine import (
@@ -75,7 +76,6 @@ from cones.refine import (
     subject_objective,
 )
 from cones.storage import load_concept_file, save_concept
-from cones.switching import shut
 from cones_world.concepts import (
     SubjectDetector,
     best_threshold,
@@ -266,7 +266,7 @@ class MultiSearch:
 
 
 def generate_with(pipe, concepts, prompts, seeds) -> list[list[Image.Image]]:
-    with shut(pipe.unet, *concepts):
+    with applied(pipe.unet, *concepts):
         return generate(pipe, prompts, seeds)
 
 

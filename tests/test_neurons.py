@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from tiny import make_tiny_pipeline
 
 from cones.neurons import ConceptNeurons, intersection, overlap, union
-from cones.switching import applied_concepts, shut
+from cones.patches import applied
+from cones.switching import applied_concepts
 from cones.targets import parameter_shapes, target_parameters
 
 # -- helpers: the truth the code is checked against -------------------------------------------------
@@ -259,7 +260,7 @@ def test_special_values_come_back_bit_for_bit(tiny_pipe):
     concept = ConceptNeurons({n: torch.arange(8) for n in params}, parameter_shapes(unet))
     other = ConceptNeurons({n: torch.arange(0, 8, 2) for n in params}, parameter_shapes(unet))
     original = snapshot(unet)
-    with shut(unet, concept, other):
+    with applied(unet, concept, other):
         assert_state(unet, original, [concept, other])
     assert_state(unet, original, [])
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import math
 import operator
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cones import switching
+from cones.patches import Patch
 
 
 def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -87,7 +88,7 @@ def _combined_fields(kind: str, concepts: tuple[ConceptNeurons, ...]) -> dict[st
 
 
 @dataclass(eq=False, repr=False)
-class ConceptNeurons:
+class ConceptNeurons(Patch):
     """A set of concept neurons: per target parameter, the flat indices of the weights to shut.
 
     `indices` maps a UNet parameter name to a sorted unique int64 CPU tensor of flat indices; after
@@ -304,11 +305,9 @@ class ConceptNeurons:
         """Undo one `apply` of this concept, restoring every weight no other active concept shuts."""
         switching.remove_concept(unet, self)
 
-    @contextmanager
-    def shut(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Context manager: the neurons are shut inside the block and restored after it."""
-        with switching.shut(unet, self):
-            yield unet
+    def shut(self, unet: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:
+        """The paper's word for `applied`: the neurons are shut inside the block and restored after it."""
+        return self.applied(unet)
 
     # -- files ----------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ hold: weights are written in place, gradients are taken with `torch.autograd.gra
 `requires_grad` flags are put back bit for bit when tuning ends, also when it fails.
 
 Using tuned values: `TunedConcept.apply(unet)` writes them into the UNet and `remove(unet)` restores the
-original weights bit for bit (`with tuned.applied(unet): ...` does both). One tuned concept at a time per UNet,
+original weights bit for bit (`with tuned.applied(unet): ...` does both: the `cones.patches` protocol). One tuned concept at a time per UNet,
 and not together with shut concepts (`cones.switching`): to combine subjects, tune their union.
 
 The values file (`.cones-values`, a plain safetensors file next to the concept's `.cones` file, which it
@@ -45,8 +45,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from tqdm.auto import tqdm
 from cones import switching
 from cones.neurons import ConceptNeurons
 from cones.objective import Objective
+from cones.patches import Patch
 
 __all__ = [
     "PRECISIONS",
@@ -151,7 +151,7 @@ def fingerprint(concept: ConceptNeurons) -> str:
 
 
 @dataclass(eq=False)
-class TunedConcept:
+class TunedConcept(Patch):
     """A concept with tuned values for its neurons (or, for `"binary"`, none: shut).
 
     `values[name]` is aligned with `concept.indices[name]`: float32 / float16 values of the weights there,
@@ -247,15 +247,6 @@ class TunedConcept:
                 flat = unet.get_parameter(name).detach().view(-1)
                 flat.index_copy_(0, self.concept.indices[name].to(flat.device), original)
         del unet.__dict__[_REGISTRY_ATTR]
-
-    @contextmanager
-    def applied(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Context manager: the tuned values are in `unet` inside the block, the original weights after."""
-        self.apply(unet)
-        try:
-            yield unet
-        finally:
-            self.remove(unet)
 
     # -- files --------------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from cones import switching
 from cones.find import FindConfig, concept_objective
 from cones.neurons import ConceptNeurons, overlap, union
 from cones.objective import ConceptObjective, Objective, SumObjective
+from cones.patches import applied
 from cones.search import Method, Optimizer, SearchProgress, SearchResult, find_concept_neurons
 from cones.targets import Targets
 
@@ -326,7 +327,7 @@ def sequential_search(
     """
     learned = [learned] if isinstance(learned, ConceptNeurons) else list(learned)
     _check_nothing_applied(unet, "unet")
-    with switching.shut(unet, *learned):
+    with applied(unet, *learned):
         result = find_concept_neurons(
             objective,
             unet,

@@ -1,6 +1,7 @@
 """Shutting concept neurons in a live UNet, and restoring them bit for bit.
 
-`apply_concept` zeroes a concept's weights in place; `remove_concept` puts the original values back.
+`apply_concept` zeroes a concept's weights in place; `remove_concept` puts the original values back (they are
+`ConceptNeurons.apply` / `remove`, the `cones.patches` protocol: `with applied(unet, *concepts)`).
 Several concepts may be active at once and removed in any order: at every moment exactly the union of
 the active concepts' neurons is zero and every other weight is bit-identical to the original.
 
@@ -152,17 +153,3 @@ def applied_concepts(unet: torch.nn.Module) -> list[ConceptNeurons]:
     """Concepts currently applied to `unet`, oldest first (a concept applied twice appears twice)."""
     registry: _Registry | None = unet.__dict__.get(_REGISTRY_ATTR)
     return [concept for concept, _ in registry.active] if registry else []
-
-
-@contextmanager
-def shut(unet: torch.nn.Module, *concepts: ConceptNeurons) -> Iterator[torch.nn.Module]:
-    """Context manager: `concepts` are applied inside the block and removed (in reverse) after it."""
-    applied: list[ConceptNeurons] = []
-    try:
-        for concept in concepts:
-            apply_concept(unet, concept)
-            applied.append(concept)
-        yield unet
-    finally:
-        for concept in reversed(applied):
-            remove_concept(unet, concept)
