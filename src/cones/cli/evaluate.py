@@ -309,9 +309,7 @@ def _generate(args, prompts: list[str], seeds: list[int], concepts: list, weight
         for concept in concepts:
             load_concept(pipe, concept)
     if weights is not None:
-        from cones.baselines import apply
-
-        apply(pipe, weights)
+        weights.apply(pipe)
     rows = generate(pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
