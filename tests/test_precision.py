@@ -28,6 +28,7 @@ from cones.precision import (
     unpack_codes,
     values_bytes,
 )
+from cones.search import select_neurons
 from cones.storage import ConceptFileError, load_concept_file
 from cones.targets import target_parameters
 
@@ -35,7 +36,7 @@ from cones.targets import target_parameters
 def make_concept(unet, sparsity=0.05, seed=0) -> ConceptNeurons:
     g = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(p.shape, generator=g) for name, p in target_parameters(unet, "cross").items()}
-    return ConceptNeurons.from_scores(scores, sparsity=sparsity, token="sks", class_word="dog")
+    return ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity), token="sks", class_word="dog")
 
 
 def state(unet) -> dict[str, torch.Tensor]:

@@ -147,53 +147,6 @@ class ConceptNeurons(Patch):
             indices[name] = m.detach().reshape(-1).nonzero().reshape(-1).cpu()
         return cls(indices, shapes, token=token, class_word=class_word, metadata=dict(metadata or {}))
 
-    @classmethod
-    def from_scores(
-        cls,
-        scores: Mapping[str, torch.Tensor],
-        *,
-        threshold: float | None = None,
-        sparsity: float | None = None,
-        shapes: Mapping[str, tuple[int, ...]] | None = None,
-        token: str | None = None,
-        class_word: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> ConceptNeurons:
-        """Build a concept from per-weight scores (higher = more a concept neuron); give exactly one rule.
-
-        `threshold`: the neurons are the weights whose score is `> threshold` (the paper's `M_p > tau`).
-        `sparsity`: the `round(sparsity * total weights)` highest scores over all parameters jointly, where
-        the total counts every parameter in `shapes` (default: the scores' shapes). Ties break arbitrarily.
-        """
-        if (threshold is None) == (sparsity is None):
-            raise ValueError("give exactly one of `threshold` and `sparsity`")
-        shapes = dict(shapes) if shapes is not None else {name: tuple(s.shape) for name, s in scores.items()}
-        for name, s in scores.items():
-            if not s.dtype.is_floating_point:
-                raise ValueError(f"`scores[{name!r}]` must be a floating tensor, got dtype {s.dtype}")
-            if bool(torch.isnan(s).any()):
-                raise ValueError(f"`scores[{name!r}]` holds NaN; fix the search or mask them with -inf")
-        if threshold is not None:
-            mask = {name: s > threshold for name, s in scores.items()}
-            return cls.from_mask(mask, shapes=shapes, token=token, class_word=class_word, metadata=metadata)
-
-        assert sparsity is not None
-        total = sum(math.prod(shape) for shape in shapes.values())
-        k = round(sparsity * total)
-        candidates = sum(s.numel() for s in scores.values())
-        if not 0.0 <= sparsity <= 1.0 or k > candidates:
-            raise ValueError(
-                f"`sparsity` {sparsity!r} asks for {k} neurons out of {candidates} scored weights; "
-                "use a value in [0, 1] that the scores can cover"
-            )
-        names = list(scores)
-        flat = torch.cat([scores[name].detach().reshape(-1).float() for name in names])  # (candidates,)
-        top = torch.topk(flat, k, sorted=False).indices.sort().values.cpu()  # global positions, sorted
-        bounds = torch.tensor([0] + [scores[name].numel() for name in names]).cumsum(0)
-        cuts = torch.searchsorted(top, bounds).tolist()
-        indices = {name: top[cuts[i] : cuts[i + 1]] - bounds[i] for i, name in enumerate(names)}
-        return cls(indices, shapes, token=token, class_word=class_word, metadata=dict(metadata or {}))
-
     # -- statistics ---------------------------------------------------------------------------------
 
     @property

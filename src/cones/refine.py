@@ -34,11 +34,13 @@ from PIL import Image
 from torch import nn
 
 from cones import switching
-from cones.find import FindConfig, concept_objective
+from cones.config import DEFAULTS, FindConfig
+from cones.find import concept_objective
 from cones.neurons import ConceptNeurons, overlap, union
 from cones.objective import ConceptObjective, Objective, SumObjective
 from cones.patches import applied
-from cones.search import Method, Optimizer, SearchProgress, SearchResult, find_concept_neurons
+from cones.search import SearchMethod, SearchProgress, SearchResult, find_concept_neurons
+from cones.search.methods import Optimizer
 from cones.targets import Targets
 
 __all__ = [
@@ -54,6 +56,8 @@ __all__ = [
     "sequential_search",
     "subject_objective",
 ]
+
+REFINE_STEPS = 100  # the refinement starts from concepts already found, so it needs fewer steps than a search
 
 # `metadata["combined"]` values whose `metadata["parts"]` list the subjects a concept holds
 _MULTI_SUBJECT = ("union", "concatenation", "refinement", "joint")
@@ -190,9 +194,9 @@ def refine_concepts(
     unet: nn.Module,
     concepts: ConceptNeurons | Sequence[ConceptNeurons],
     *,
-    method: Method = "a2",
-    steps: int = 100,
-    lr: float = 2e-3,
+    method: str | SearchMethod = DEFAULTS.method,
+    steps: int = REFINE_STEPS,
+    lr: float | None = None,
     optimizer: Optimizer | None = None,
     threshold: float | None = None,
     sparsity: float | None = None,
@@ -252,9 +256,9 @@ def joint_search(
     unet: nn.Module,
     concepts: ConceptNeurons | Sequence[ConceptNeurons],
     *,
-    method: Method = "a2",
-    steps: int = 300,
-    lr: float = 2e-3,
+    method: str | SearchMethod = DEFAULTS.method,
+    steps: int = DEFAULTS.steps,
+    lr: float | None = None,
     optimizer: Optimizer | None = None,
     threshold: float | None = None,
     sparsity: float | None = None,
@@ -304,13 +308,13 @@ def sequential_search(
     unet: nn.Module,
     learned: ConceptNeurons | Sequence[ConceptNeurons],
     *,
-    method: Method = "a2",
-    steps: int = 300,
-    lr: float = 2e-3,
+    method: str | SearchMethod = DEFAULTS.method,
+    steps: int = DEFAULTS.steps,
+    lr: float | None = None,
     optimizer: Optimizer | None = None,
     threshold: float | None = None,
     sparsity: float | None = None,
-    targets: Targets = "cross",
+    targets: Targets = DEFAULTS.targets,
     token: str | None = None,
     class_word: str | None = None,
     callback: Callable[[SearchProgress], None] | None = None,

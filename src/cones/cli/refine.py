@@ -36,6 +36,8 @@ def _help(cls, name: str, extra: str = "") -> str:
 
 def add_arguments(p) -> None:
     from cones.find import FindConfig
+    from cones.refine import REFINE_STEPS
+    from cones.search import METHODS
 
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="the .cones files to refine together")
     p.add_argument(
@@ -61,14 +63,11 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
-        "--steps", type=int, default=100, help="K, gradient steps of the refinement (default: 100)"
+        "--steps", type=int, default=REFINE_STEPS, help="K, gradient steps of the refinement (default: %(default)s)"
     )
     p.add_argument("--lr", type=float, default=_default(FindConfig, "lr"), help=_help(FindConfig, "lr"))
     p.add_argument(
-        "--method",
-        choices=("a2", "alg1"),
-        default="a2",
-        help="a2 (Algorithm A2) or alg1 (Algorithm 1) (default: a2)",
+        "--method", choices=sorted(METHODS), default=_default(FindConfig, "method"), help=_help(FindConfig, "method")
     )
     select = p.add_mutually_exclusive_group()
     select.add_argument(
@@ -93,7 +92,8 @@ def add_arguments(p) -> None:
         )
     p.add_argument("--cache-dir", default=None, help="cache generated class images here (default: no cache)")
     p.add_argument("--joint", default=None, metavar="PATH", help="also search from scratch and write it here")
-    p.add_argument("--joint-steps", type=int, default=300, help="steps of the --joint search (default: 300)")
+    p.add_argument("--joint-steps", type=int, default=_default(FindConfig, "steps"),
+                   help="steps of the --joint search (default: %(default)s)")
     p.add_argument(
         "--plot", default=None, help="draw per-layer overlaps (concepts, refined, joint) into this PNG"
     )
