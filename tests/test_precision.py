@@ -15,13 +15,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cones.fingerprint import concept_fingerprint
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.precision import (
     PRECISIONS,
     TunedConcept,
     ValuesFileError,
-    fingerprint,
     load_values,
     pack_codes,
     tune_values,
@@ -243,7 +243,7 @@ def test_values_file_round_trip_and_size(tiny_pipe, tmp_path, precision):
 def test_values_file_refuses_another_concept_and_damage(tiny_pipe, tmp_path):
     unet = tiny_pipe.unet
     concept, other = make_concept(unet, seed=0), make_concept(unet, seed=1)
-    assert fingerprint(concept) != fingerprint(other)
+    assert concept_fingerprint(concept) != concept_fingerprint(other)
     values = {n: torch.zeros(i.numel()) for n, i in concept.indices.items() if i.numel()}
     path = tmp_path / "v.cones-values"
     TunedConcept(concept, "float32", values).save(path)

@@ -34,8 +34,10 @@ class FindConfig:
     seed: int = field(default=0, metadata={"help": "seed of batches, noise and class images"})
     loss_scale: float | None = field(
         default=None,
-        metadata={"help": "multiply the backward pass by this and divide it out in float32, so that small "
-                          "float16 gradients keep their bits (None: 1024 for a float16 UNet, else 1 = none)"},
+        metadata={
+            "help": "multiply the backward pass by this and divide it out in float32, so that small "
+            "float16 gradients keep their bits (None: 1024 for a float16 UNet, else 1 = none)"
+        },
     )
     templates: tuple[str, ...] = field(
         default=("a {token} {class_word}",), metadata={"help": "subject prompt templates"}

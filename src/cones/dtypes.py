@@ -80,7 +80,9 @@ def default_loss_scale(dtype: torch.dtype, requested: float | None = None) -> fl
     range loses most K/V gradients of a real UNet, see above) and 1 (none) for float32 and bfloat16."""
     if requested is not None:
         if not (requested > 0 and math.isfinite(requested)):
-            raise ValueError(f"the loss scale must be a finite number > 0, got {requested}; e.g. 1024, or 1 for none.")
+            raise ValueError(
+                f"the loss scale must be a finite number > 0, got {requested}; e.g. 1024, or 1 for none."
+            )
         return float(requested)
     return 1024.0 if dtype == torch.float16 else 1.0
 

@@ -34,7 +34,7 @@ class SearchResult:
     # M_p per target parameter: the parameter's shape, float32 (float64 for a float64 model), on the CPU
     scores: dict[str, torch.Tensor]
     losses: list[float]  # L_con at step 0 … K−1
-    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, objective
+    settings: dict[str, Any]  # method, steps, lr, optimizer, threshold, sparsity, targets, candidates, ...
 
     def select(self, *, threshold: float | None = None, sparsity: float | None = None) -> ConceptNeurons:
         """Select again from the same scores with another τ or sparsity, without searching again."""
