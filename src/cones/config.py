@@ -2,7 +2,7 @@
 
 `cones find` makes one flag per field (`cones.cli._options`), `find_concept` reads it, and the library's
 lower layers take their defaults from it: `cones.search.find_concept_neurons` (steps, rate, method, targets),
-the multi-subject searches of `cones.refine`, `cones.find_each` over a folder of subjects. `method` is the
+the multi-subject searches of `cones.refine`, `cones.folders.find_each` over a folder of subjects. `method` is the
 user-facing name of a search strategy ("a2", "alg1"; `cones.search.methods`).
 """
 

@@ -11,18 +11,21 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
 
 from cones import GUIDANCE_SCALE
 from cones.config import FindConfig
+from cones.distributed import DistributedObjective, allreduce_gradients
 from cones.dtypes import loss_scaled
 from cones.fingerprint import model_fingerprint
 from cones.images import model_resolution, to_tensor
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.search import SearchResult, find_concept_neurons
+
+__all__ = ["CLASS_IMAGE_STEPS", "FindConfig", "class_images", "concept_objective", "find_concept"]
 
 CLASS_IMAGE_STEPS = 25  # sampling steps of generated class images, as for any generation
 
@@ -135,19 +138,28 @@ def find_concept(
     checkpoint_path: str | None = None,
     callback=None,
     disable: bool = False,
+    split_batch: bool = False,
 ) -> SearchResult:
     """Search the concept neurons of the subject shown in `images`; see `concept_objective` for the loss.
 
-    The pipeline's weights are left exactly as they were.
+    The pipeline's weights are left exactly as they were. With `split_batch`, every process of the process
+    group computes its share of each step's batch and the gradients are summed over them
+    (`cones.distributed`): every process must call it with the same arguments, and all end with the concept
+    one process would find.
     """
     cfg = config or FindConfig()
     objective = concept_objective(
         pipe, images, token=token, class_word=class_word, config=cfg, subject_prompts=subject_prompts,
         class_prompts=class_prompts, class_pictures=class_pictures, cache_dir=cache_dir,
     )
+    hooks = []
+    if split_batch:
+        objective = DistributedObjective(objective)
+        hooks.append(allreduce_gradients)  # summed while still scaled: an overflow anywhere stops everyone
     # The scale changes no value the search sees (exactly so in float32), like the dtype, so the file does
     # not record it: a concept is the same file whichever precision found it.
     objective, unscale = loss_scaled(objective, pipe.unet.dtype, cfg.loss_scale)
+    hooks += [unscale] if unscale is not None else []
     result = find_concept_neurons(
         objective,
         pipe.unet,
@@ -162,7 +174,7 @@ def find_concept(
         checkpoint_path=checkpoint_path,
         callback=callback,
         disable=disable,
-        gradient_hook=unscale,
+        gradient_hook=_chained(hooks),
     )
     # Where the prior's images came from, next to the search settings (the objective's part lists them).
     origin = None
@@ -172,6 +184,21 @@ def find_concept(
     result.settings["class_images"] = origin
     result.concept.metadata.setdefault("search", {})["class_images"] = origin
     return result
+
+
+def _chained(hooks: list[Callable[[list[torch.Tensor]], list[torch.Tensor]]]):
+    """One gradient hook that applies `hooks` in order (None for none)."""
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def chained(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        for hook in hooks:
+            grads = hook(grads)
+        return grads
+
+    return chained
 
 
 def _article(word: str) -> str:

@@ -387,21 +387,31 @@ class ConceptObjective:
             num_subject=b,
         )
 
+    def row_losses(self, batch: ObjectiveBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The diffusion loss of each row of `batch`, or of the rows `rows` ((r,) int64) only.
+
+        ‖x̂θ(x_t, t, c) − target‖² averaged over each row's latent: (rows,) float32 (float64 for a float64
+        model), differentiable in the UNet's weights.
+        """
+        latents, noise, timesteps, embeds = batch.latents, batch.noise, batch.timesteps, batch.prompt_embeds
+        if rows is not None:
+            idx = rows.to(latents.device)
+            latents, noise, timesteps, embeds = latents[idx], noise[idx], timesteps[idx], embeds[idx]
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)  # (rows, C, h, w)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        pred = self.unet(noisy, timesteps, embeds).sample  # (rows, C, h, w)
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # reduce in float32, or float64 for float64 models
+        return F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").flatten(1).mean(1)  # (rows,)
+
     def loss(self, step: int) -> torch.Tensor:
         """L_sub + λ·L_pr at `step`: a float32 (or float64) scalar, differentiable in the UNet's weights."""
         batch = self.draw(step)
-        noisy = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)  # (rows, C, h, w)
-        if self.prediction_type == "epsilon":
-            target = batch.noise
-        elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-        else:
-            target = batch.latents
-        pred = self.unet(noisy, batch.timesteps, batch.prompt_embeds).sample  # (rows, C, h, w)
-        dtype = torch.promote_types(
-            pred.dtype, torch.float32
-        )  # reduce in float32, or float64 for float64 models
-        per_row = F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").flatten(1).mean(1)  # (rows,)
+        per_row = self.row_losses(batch)  # (rows,)
         loss = per_row[: batch.num_subject].mean()
         if len(per_row) > batch.num_subject:
             loss = loss + self.config.prior_weight * per_row[batch.num_subject :].mean()

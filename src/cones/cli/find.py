@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from cones.cli import UsageError
     from cones.find import FindConfig, find_concept
-    from cones.images import list_images, load_images, model_resolution
+    from cones.images import list_images, load_pictures, model_resolution
     from cones.pipeline import load_pipeline, resolve_model
     from cones.registry import default_model
 
@@ -64,8 +64,8 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.config,
                          gradient_checkpointing=args.gradient_checkpointing)
     size = model_resolution(pipe)
-    images, _ = load_images(paths, size)
-    class_pictures = load_images(class_paths, size)[1] if class_paths else None
+    images = load_pictures(paths, size)
+    class_pictures = load_pictures(class_paths, size) if class_paths else None
     tokens = pipe.tokenizer.tokenize(args.token)
     if len(tokens) != 1 or pipe.tokenizer.convert_tokens_to_ids(tokens[0]) == pipe.tokenizer.unk_token_id:
         raise UsageError(f"`--token` {args.token!r} is {len(tokens)} tokens for this model's tokenizer; "

@@ -143,14 +143,13 @@ def _subjects(parts: list[dict], sources: list[tuple[str, str]]) -> list:
 
 
 def _subject_data(pipe, plan):
-    from cones.images import load_images, model_resolution
+    from cones.images import load_pictures, model_resolution
     from cones.refine import SubjectData
 
     kind, source, part = plan
     token, class_word = part["token"], part["class_word"]
     if kind == "images":
-        images, _ = load_images(source, model_resolution(pipe))
-        return SubjectData(images, token, class_word)
+        return SubjectData(load_pictures(source, model_resolution(pipe)), token, class_word)
     return source.subject_data(token)
 
 
