@@ -62,6 +62,7 @@ from cones.find import FindConfig, find_concept
 from cones.fingerprint import model_fingerprint
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
+from cones.overlap import overlap
 from cones.patches import applied
 from cones.pipeline import load_pipeline
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
@@ -70,7 +71,6 @@ from cones.refine import (
     concatenate,
     joint_search,
     multi_objective,
-    overlap_report,
     refine_concepts,
     sequential_search,
     subject_objective,
@@ -383,15 +383,15 @@ def main() -> None:
     pairs = {}
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            pairs[f"{a}|{b}"] = overlap_summary(overlap_report(singles[a], singles[b]))
+            pairs[f"{a}|{b}"] = overlap_summary(overlap(singles[a], singles[b]))
     two = searches[2]
-    pair_report = overlap_report(singles["striped-circle"], singles["sunset-sea"])
-    joint_report = overlap_report(two["union"], two["joint"])
+    pair_report = overlap(singles["striped-circle"], singles["sunset-sea"])
+    joint_report = overlap(two["union"], two["joint"])
     refined_reports = {
-        k: overlap_summary(overlap_report(v["union"], v["refined"])) for k, v in searches.items()
+        k: overlap_summary(overlap(v["union"], v["refined"])) for k, v in searches.items()
     }
     joint_reports = {
-        k: overlap_summary(overlap_report(v["union"], v["joint"]))
+        k: overlap_summary(overlap(v["union"], v["joint"]))
         for k, v in searches.items()
         if "joint" in v
     }
@@ -479,7 +479,7 @@ def main() -> None:
             gain = of_first["alone"][metric] - of_first["base"][metric]
             kept = of_first[union_key][metric] - of_first["base"][metric]
             retention[union_key][metric] = kept / gain if gain > 0 else None
-    seq_overlap = overlap_summary(overlap_report(singles[second], sequential))
+    seq_overlap = overlap_summary(overlap(singles[second], sequential))
 
     # 6. Write the results.
     timings["total_s"] = time.perf_counter() - started

@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import make_tiny_pipeline
 
-from cones.neurons import ConceptNeurons, intersection, overlap, union
+from cones.neurons import ConceptNeurons, intersection, union
+from cones.overlap import overlap
 from cones.patches import applied
 from cones.search import select_neurons
 from cones.switching import applied_concepts

@@ -13,13 +13,13 @@ from PIL import Image
 from cones.find import FindConfig
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig, SumObjective
+from cones.overlap import overlap
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
 from cones.refine import (
     SubjectData,
     concatenate,
     joint_search,
     multi_objective,
-    overlap_report,
     parts_of,
     refine_concepts,
     sequential_search,
@@ -253,7 +253,7 @@ def test_overlap_report_against_hand_counts():
     shapes = {"x": (2, 5), "y": (4,)}
     a = ConceptNeurons({"x": [0, 1, 2, 3], "y": [0]}, shapes)
     b = ConceptNeurons({"x": [2, 3, 4, 5, 6]}, shapes)
-    report = overlap_report(a, b)
+    report = overlap(a, b)
     assert (report.size_a, report.size_b, report.shared, report.union) == (5, 5, 2, 8)
     assert report.jaccard == pytest.approx(2 / 8)
     assert report.share_of_a == pytest.approx(2 / 5) and report.share_of_b == pytest.approx(2 / 5)
@@ -268,7 +268,7 @@ def test_overlap_report_against_hand_counts():
 
 def test_random_concepts_share_what_chance_predicts(tiny_pipe):
     shapes = parameter_shapes(tiny_pipe.unet, "all")
-    report = overlap_report(random_concept(shapes, 0.3, 0), random_concept(shapes, 0.2, 1))
+    report = overlap(random_concept(shapes, 0.3, 0), random_concept(shapes, 0.2, 1))
     # independent draws: the shared count is hypergeometric around the chance value (sd ~ sqrt(chance))
     assert abs(report.shared - report.chance) < 5 * report.chance**0.5
 

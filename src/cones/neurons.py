@@ -5,9 +5,9 @@ the sorted unique int64 flat indices (into `param.view(-1)`) of the weights to *
 It also records the shapes of *all* target parameters of the base model, including those without neurons,
 so that a concept can be checked against a model before it touches it.
 
-This module holds the object and its set algebra (union, intersection, overlap statistics). Shutting the
-neurons in a live UNet, and restoring them bit for bit, lives in `cones.switching`; the file format lives
-in `cones.storage`. Nothing here reads files or prints.
+This module holds the object and its set algebra (union, intersection); how much two concepts share is
+`cones.overlap`. Shutting the neurons in a live UNet, and restoring them bit for bit, lives in
+`cones.switching`; the file format lives in `cones.storage`. Nothing here reads files or prints.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _as_index_tensor(name: str, indices: Any, numel: int) -> torch.Tensor:
     return idx
 
 
-def _intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def intersect_indices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elements of sorted unique `a` that are also in sorted unique `b`, sorted."""
     if a.numel() == 0 or b.numel() == 0:
         return a[:0]
@@ -64,7 +64,8 @@ def _intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a[b[pos] == a]
 
 
-def _merged_shapes(concepts: tuple[ConceptNeurons, ...]) -> dict[str, tuple[int, ...]]:
+def merged_shapes(concepts: tuple[ConceptNeurons, ...]) -> dict[str, tuple[int, ...]]:
+    """The target shapes of all `concepts`, in order of appearance; ValueError where two disagree."""
     shapes: dict[str, tuple[int, ...]] = {}
     for concept in concepts:
         for name, shape in concept.shapes.items():
@@ -282,7 +283,7 @@ def union(*concepts: ConceptNeurons) -> ConceptNeurons:
     """The neurons of any of `concepts`, over the merged target shapes."""
     if not concepts:
         raise ValueError("`union` needs at least one concept")
-    shapes = _merged_shapes(concepts)
+    shapes = merged_shapes(concepts)
     indices = {}
     for name in shapes:
         parts = [c.indices[name] for c in concepts if name in c.indices]
@@ -294,55 +295,13 @@ def intersection(*concepts: ConceptNeurons) -> ConceptNeurons:
     """The neurons shared by all of `concepts`, over the merged target shapes."""
     if not concepts:
         raise ValueError("`intersection` needs at least one concept")
-    shapes = _merged_shapes(concepts)
+    shapes = merged_shapes(concepts)
     indices = {}
     for name in shapes:
         if not all(name in c.indices for c in concepts):
             continue
         common = concepts[0].indices[name]
         for c in concepts[1:]:
-            common = _intersect(common, c.indices[name])
+            common = intersect_indices(common, c.indices[name])
         indices[name] = common
     return ConceptNeurons(indices, shapes, **_combined_fields("intersection", concepts))
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """How much two concepts share: counts, and `per_layer` the same per parameter name."""
-
-    shared: int
-    size_a: int
-    size_b: int
-    per_layer: dict[str, Overlap] = field(default_factory=dict)
-
-    @property
-    def jaccard(self) -> float:
-        """|A & B| / |A | B|; 0.0 when both are empty."""
-        union_size = self.size_a + self.size_b - self.shared
-        return self.shared / union_size if union_size else 0.0
-
-    @property
-    def share_of_a(self) -> float:
-        """|A & B| / |A|: the part of A's neurons that B shuts too; 0.0 when A is empty."""
-        return self.shared / self.size_a if self.size_a else 0.0
-
-    @property
-    def share_of_b(self) -> float:
-        """|A & B| / |B|; 0.0 when B is empty."""
-        return self.shared / self.size_b if self.size_b else 0.0
-
-
-def overlap(a: ConceptNeurons, b: ConceptNeurons) -> Overlap:
-    """Overlap statistics of two concepts, in total and per target parameter (merged names)."""
-    shapes = _merged_shapes((a, b))
-    empty = torch.empty(0, dtype=torch.int64)
-    per_layer = {}
-    for name in shapes:
-        ia, ib = a.indices.get(name, empty), b.indices.get(name, empty)
-        per_layer[name] = Overlap(_intersect(ia, ib).numel(), ia.numel(), ib.numel())
-    return Overlap(
-        shared=sum(o.shared for o in per_layer.values()),
-        size_a=a.num_neurons,
-        size_b=b.num_neurons,
-        per_layer=per_layer,
-    )

@@ -162,12 +162,12 @@ def _mean_loss(losses: list[float], first: bool) -> float:
 
 def run(args) -> int:
     from cones.find import FindConfig
+    from cones.overlap import overlap
     from cones.pipeline import load_pipeline
     from cones.refine import (
         concatenate,
         joint_search,
         multi_objective,
-        overlap_report,
         parts_of,
         refine_concepts,
     )
@@ -238,14 +238,14 @@ def run(args) -> int:
 
     # 4. Overlaps, plot and summary.
     compared = {"refined": refined.concept} | ({"joint": joint.concept} if joint else {})
-    reports = {name: overlap_report(union, concept) for name, concept in compared.items()}
+    reports = {name: overlap(union, concept) for name, concept in compared.items()}
     if args.plot:
         from cones.generate import save_atomic
         from cones.plots import bar_chart, layer_label
 
         series = {}
         if len(concepts) >= 2:  # two single concepts: how disentangled they are (paper figure 4a)
-            pair = {layer.name: layer.jaccard for layer in overlap_report(concepts[0], concepts[1]).layers}
+            pair = {layer.name: layer.jaccard for layer in overlap(concepts[0], concepts[1]).layers}
             first, second = (parts_of(c)[0]["token"] for c in concepts[:2])
             series[f"{first} & {second} / union"] = [
                 pair.get(layer.name, 0.0) for layer in reports["refined"].layers
