@@ -58,7 +58,7 @@ from results_io import DETECTOR_CACHE, RESULTS, save_results
 
 import cones
 from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifiers, text_alignment
-from cones.find import FindConfig, find_concept
+from cones.find import FindConfig, SubjectImages, find_concept, multi_objective, subject_objective
 from cones.fingerprint import model_fingerprint
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
@@ -66,15 +66,7 @@ from cones.overlap import overlap
 from cones.patches import applied
 from cones.pipeline import load_pipeline
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
-from cones.refine import (
-    SubjectData,
-    concatenate,
-    joint_search,
-    multi_objective,
-    refine_concepts,
-    sequential_search,
-    subject_objective,
-)
+from cones.refine import concatenate, joint_search, refine_concepts, sequential_search
 from cones.storage import load_concept_file, save_concept
 from cones_world.concepts import (
     SubjectDetector,
@@ -166,7 +158,7 @@ def cached(path: Path, make) -> tuple[ConceptNeurons, float]:
     return concept, time.perf_counter() - start
 
 
-def subject_data(name: str) -> SubjectData:
+def subject_data(name: str) -> SubjectImages:
     return world_subject_data(SUBJECTS[name], TOKENS[name])
 
 
@@ -242,7 +234,7 @@ def score(scorer, rows, prompts, names, detectors) -> dict:
 class MultiSearch:
     """The refinement and the joint search of one composition, sharing one multi-concept loss built on demand."""
 
-    def __init__(self, pipe, subjects: list[SubjectData], parts: list[ConceptNeurons], config: FindConfig):
+    def __init__(self, pipe, subjects: list[SubjectImages], parts: list[ConceptNeurons], config: FindConfig):
         self.pipe, self.subjects, self.parts, self.config = pipe, subjects, parts, config
         self._objective = None
 

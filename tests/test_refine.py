@@ -10,20 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cones.find import FindConfig
+from cones.find import FindConfig, SubjectImages, multi_objective
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig, SumObjective
 from cones.overlap import overlap
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
-from cones.refine import (
-    SubjectData,
-    concatenate,
-    joint_search,
-    multi_objective,
-    parts_of,
-    refine_concepts,
-    sequential_search,
-)
+from cones.refine import concatenate, joint_search, parts_of, refine_concepts, sequential_search
 from cones.switching import applied_concepts
 from cones.targets import parameter_shapes
 
@@ -230,8 +222,8 @@ def test_multi_subject_searches_refuse_a_model_with_concepts_applied(two_subject
 def test_multi_objective_is_the_sum_of_independently_seeded_subject_losses(tiny_pipe):
     config = FindConfig(batch_size=2, num_class_images=4, seed=5)
     subjects = [
-        SubjectData(images(3, 1), "sks", "dog", class_prompts=["a dog", "a red dog"]),
-        SubjectData(images(2, 2), "xqz", "cat", class_pictures=[Image.new("RGB", (16, 16), (200, 0, 0))] * 2),
+        SubjectImages(images(3, 1), "sks", "dog", class_prompts=["a dog", "a red dog"]),
+        SubjectImages(images(2, 2), "xqz", "cat", class_pictures=[Image.new("RGB", (16, 16), (200, 0, 0))] * 2),
     ]
     total = multi_objective(tiny_pipe, subjects, config)
     dog, cat = total.objectives

@@ -153,3 +153,16 @@ def applied_concepts(unet: torch.nn.Module) -> list[ConceptNeurons]:
     """Concepts currently applied to `unet`, oldest first (a concept applied twice appears twice)."""
     registry: _Registry | None = unet.__dict__.get(_REGISTRY_ATTR)
     return [concept for concept, _ in registry.active] if registry else []
+
+
+def check_nothing_applied(unet: torch.nn.Module, name: str = "unet") -> None:
+    """Raise a one-line ValueError when concepts are applied to `unet` (`name` is the argument it came as).
+
+    The multi-subject searches start from the base model: their class images and losses are its own.
+    """
+    applied = applied_concepts(unet)
+    if applied:
+        raise ValueError(
+            f"`{name}` has {len(applied)} concept(s) applied ({applied[0]!r}); the multi-concept search "
+            "starts from the base model: `unload_concept(pipe)` or remove them first."
+        )

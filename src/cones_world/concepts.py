@@ -19,8 +19,8 @@ from PIL import Image
 
 from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer, roc_auc
+from cones.find import SubjectImages
 from cones.images import to_tensor
-from cones.refine import SubjectData
 from cones_world.subjects import Subject  # or world v2's: the same interface
 
 
@@ -62,10 +62,10 @@ def find_subject_concept(pipe, subject: Subject, config=None, token: str = "sks"
                         cache_dir=cache_dir, disable=disable)
 
 
-def subject_data(subject: Subject, token: str) -> SubjectData:
+def subject_data(subject: Subject, token: str) -> SubjectImages:
     """A world subject as the multi-subject searches take it: references, prompts and class prompts."""
     images, _, _ = references(subject)
-    return SubjectData(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
+    return SubjectImages(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
                        class_prompts=subject.prior_prompts())
 
 
@@ -266,7 +266,7 @@ class WorldExample:
     def reference_images(self) -> list[Image.Image]:
         return references(self.subject)[1]
 
-    def subject_data(self, token: str) -> SubjectData:
+    def subject_data(self, token: str) -> SubjectImages:
         return subject_data(self.subject, token)
 
 

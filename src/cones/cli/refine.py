@@ -106,7 +106,7 @@ def add_arguments(p) -> None:
 
 
 def _subjects(parts: list[dict], sources: list[tuple[str, str]]) -> list:
-    """Check one source per part and turn each into a `SubjectData` (images not yet loaded: a loader)."""
+    """Check one source per part and turn each into a `SubjectImages` (images not yet loaded: a loader)."""
     from cones.images import list_images
 
     if len(sources) != len(parts):
@@ -143,13 +143,13 @@ def _subjects(parts: list[dict], sources: list[tuple[str, str]]) -> list:
 
 
 def _subject_data(pipe, plan):
+    from cones.find import SubjectImages
     from cones.images import load_pictures, model_resolution
-    from cones.refine import SubjectData
 
     kind, source, part = plan
     token, class_word = part["token"], part["class_word"]
     if kind == "images":
-        return SubjectData(load_pictures(source, model_resolution(pipe)), token, class_word)
+        return SubjectImages(load_pictures(source, model_resolution(pipe)), token, class_word)
     return source.subject_data(token)
 
 
@@ -161,16 +161,10 @@ def _mean_loss(losses: list[float], first: bool) -> float:
 
 
 def run(args) -> int:
-    from cones.find import FindConfig
+    from cones.find import FindConfig, multi_objective
     from cones.overlap import overlap
     from cones.pipeline import load_pipeline
-    from cones.refine import (
-        concatenate,
-        joint_search,
-        multi_objective,
-        parts_of,
-        refine_concepts,
-    )
+    from cones.refine import concatenate, joint_search, parts_of, refine_concepts
     from cones.storage import load_concept_file, save_concept
 
     # 1. Check everything that can be checked before the model loads.
