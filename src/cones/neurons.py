@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,15 +77,20 @@ def merged_shapes(concepts: tuple[ConceptNeurons, ...]) -> dict[str, tuple[int, 
     return shapes
 
 
+def shared_identity(parts: Iterable[dict[str, Any]]) -> dict[str, str | None]:
+    """`token` and `class_word` of a concept made of `parts` (dicts with both): the value all parts share,
+    or None where they differ."""
+    parts = list(parts)
+    identity: dict[str, str | None] = {}
+    for key in ("token", "class_word"):
+        values = {part[key] for part in parts}
+        identity[key] = values.pop() if len(values) == 1 else None
+    return identity
+
+
 def _combined_fields(kind: str, concepts: tuple[ConceptNeurons, ...]) -> dict[str, Any]:
-    tokens = {c.token for c in concepts}
-    class_words = {c.class_word for c in concepts}
     parts = [{"token": c.token, "class_word": c.class_word, "num_neurons": c.num_neurons} for c in concepts]
-    return {
-        "token": tokens.pop() if len(tokens) == 1 else None,
-        "class_word": class_words.pop() if len(class_words) == 1 else None,
-        "metadata": {"combined": kind, "parts": parts},
-    }
+    return {**shared_identity(parts), "metadata": {"combined": kind, "parts": parts}}
 
 
 @dataclass(eq=False, repr=False)

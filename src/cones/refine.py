@@ -30,11 +30,11 @@ from torch import nn
 
 from cones import switching
 from cones.config import DEFAULTS
-from cones.neurons import ConceptNeurons, union
+from cones.neurons import ConceptNeurons, shared_identity, union
 from cones.objective import Objective
 from cones.overlap import overlap
 from cones.patches import applied
-from cones.search import SearchMethod, SearchProgress, SearchResult, find_concept_neurons
+from cones.search import SearchMethod, SearchProgress, SearchResult, find_concept_neurons, search_method
 from cones.search.methods import Optimizer
 from cones.targets import Targets
 
@@ -81,15 +81,8 @@ def concatenate(*concepts: ConceptNeurons) -> ConceptNeurons:
         raise ValueError("`concepts` is empty; pass at least one concept to concatenate.")
     merged = union(*concepts)  # checks the shapes of shared parameter names
     parts = [part for concept in concepts for part in parts_of(concept)]
-    tokens = {part["token"] for part in parts}
-    class_words = {part["class_word"] for part in parts}
-    return ConceptNeurons(
-        merged.indices,
-        merged.shapes,
-        token=tokens.pop() if len(tokens) == 1 else None,
-        class_word=class_words.pop() if len(class_words) == 1 else None,
-        metadata={"combined": "concatenation", "parts": parts},
-    )
+    metadata = {"combined": "concatenation", "parts": parts}
+    return ConceptNeurons(merged.indices, merged.shapes, **shared_identity(parts), metadata=metadata)
 
 
 # -- the searches ---------------------------------------------------------------------------------------
@@ -127,18 +120,14 @@ def refine_concepts(
         and the parts of `concepts`, each with `kept`: how many of its own neurons remain (None for the
         parts of a concatenation passed as one concept).
     """
-    concepts = [concepts] if isinstance(concepts, ConceptNeurons) else list(concepts)
-    joined = concatenate(*concepts)
-    switching.check_nothing_applied(unet, "unet")
+    concepts, joined = _from_base_model(unet, concepts)
     if threshold is None and sparsity is None:
         threshold = 0.0
     result = find_concept_neurons(
         objective,
         unet,
-        method=method,
+        method=search_method(method, lr, optimizer),
         steps=steps,
-        lr=lr,
-        optimizer=optimizer,
         threshold=threshold,
         sparsity=sparsity,
         targets=list(joined.shapes),
@@ -179,9 +168,7 @@ def joint_search(
     are their target parameters (or `targets`), and with neither `threshold` nor `sparsity` the search
     keeps as many neurons as their union has (fewer only if fewer weights score positive).
     """
-    concepts = [concepts] if isinstance(concepts, ConceptNeurons) else list(concepts)
-    joined = concatenate(*concepts)
-    switching.check_nothing_applied(unet, "unet")
+    concepts, joined = _from_base_model(unet, concepts)
     targets = list(joined.shapes) if targets is None else targets
     if threshold is None and sparsity is None:
         if targets != list(joined.shapes) or joined.num_neurons == 0:
@@ -193,10 +180,8 @@ def joint_search(
     result = find_concept_neurons(
         objective,
         unet,
-        method=method,
+        method=search_method(method, lr, optimizer),
         steps=steps,
-        lr=lr,
-        optimizer=optimizer,
         threshold=threshold,
         sparsity=sparsity,
         targets=targets,
@@ -241,10 +226,8 @@ def sequential_search(
         result = find_concept_neurons(
             objective,
             unet,
-            method=method,
+            method=search_method(method, lr, optimizer),
             steps=steps,
-            lr=lr,
-            optimizer=optimizer,
             threshold=threshold,
             sparsity=sparsity,
             targets=targets,
@@ -259,6 +242,16 @@ def sequential_search(
     return result
 
 
+def _from_base_model(
+    unet: nn.Module, concepts: ConceptNeurons | Sequence[ConceptNeurons]
+) -> tuple[list[ConceptNeurons], ConceptNeurons]:
+    """`concepts` as a list, and their concatenation, once `unet` is checked to have none applied."""
+    concepts = [concepts] if isinstance(concepts, ConceptNeurons) else list(concepts)
+    joined = concatenate(*concepts)
+    switching.check_nothing_applied(unet, "unet")
+    return concepts, joined
+
+
 def _with_metadata(
     concept: ConceptNeurons,
     joined: ConceptNeurons | None,
@@ -267,14 +260,7 @@ def _with_metadata(
     settings: dict[str, Any],
 ) -> ConceptNeurons:
     """`concept` with the parts' token / class word (or None) and `metadata` {combined, parts, search}."""
-    tokens = {part["token"] for part in parts}
-    class_words = {part["class_word"] for part in parts}
     metadata: dict[str, Any] = {"combined": kind, "parts": parts, "search": settings}
     if joined is not None:
         metadata["union_neurons"] = joined.num_neurons
-    return replace(
-        concept,
-        token=tokens.pop() if len(tokens) == 1 else None,
-        class_word=class_words.pop() if len(class_words) == 1 else None,
-        metadata=metadata,
-    )
+    return replace(concept, **shared_identity(parts), metadata=metadata)
