@@ -55,7 +55,7 @@ def find_concept_neurons(
         unet: the model whose target weights are searched; modified during the search, restored after.
         method: the strategy (`cones.search.methods`): `"a2"` (Algorithm A2, default) or `"alg1"`
             (Algorithm 1), or a `SearchMethod` object, which carries its own rate.
-        steps: K, the number of gradient evaluations (paper: 1,000).
+        steps: K, the number of gradient evaluations (default `FindConfig.steps`; the paper: 1,000).
         lr: ρ, the rate of Algorithm 1's update or of the steps on ξ (default `FindConfig.lr`; the paper,
             on Stable Diffusion with Adam: 2e-5).
         optimizer: A2 only: `"adam"` (default) or `"sgd"` (plain gradient descent on ξ).
