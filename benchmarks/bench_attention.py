@@ -49,7 +49,8 @@ def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150,
                   sparsity: float = 0.01):
     """The concept of a world subject found with `find_concept` (FindConfig defaults but `steps` and
     `sparsity`), cached."""
-    from cones.find import FindConfig, _model_id
+    from cones.find import FindConfig
+    from cones.fingerprint import model_fingerprint
     from cones.neurons import ConceptNeurons
     from cones_world.concepts import find_subject_concept
     from cones_world.subjects import SUBJECTS as CATALOGUE
@@ -57,7 +58,7 @@ def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150,
     subject = CATALOGUE[subject_name]
     config = FindConfig(steps=steps, seed=seed, sparsity=sparsity)
     key = hashlib.sha256(  # the config holds the class images' guidance, on which the concept depends
-        json.dumps([_model_id(pipe), subject_name, token, repr(config)]).encode()
+        json.dumps([model_fingerprint(pipe), subject_name, token, repr(config)]).encode()
     ).hexdigest()[:12]
     path = CONCEPT_CACHE / f"{subject_name}-{token}-{steps}-{key}.cones"  # key: model and whole config
     if path.exists():

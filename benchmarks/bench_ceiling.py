@@ -26,10 +26,9 @@ from results_io import write_atomic
 
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig
+from cones.find import FindConfig, subject_objective
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
-from cones.refine import subject_objective
 from cones_world.concepts import references, score_subject, subject_data, subject_detector
 from cones_world.subjects import SUBJECTS
 

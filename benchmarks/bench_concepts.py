@@ -28,7 +28,8 @@ from results_io import DETECTOR_CACHE, RESULTS, resumed, save_results, write_ato
 
 from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig, _model_id
+from cones.find import FindConfig
+from cones.fingerprint import model_fingerprint
 from cones.generate import generate, grid
 from cones.pipeline import load_pipeline
 from cones_world.concepts import (
@@ -90,7 +91,7 @@ def main() -> None:
     settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
                 "prior_weight": args.prior_weight,
-                "model": _model_id(pipe), "detector": "linear probe on decoded renders"}
+                "model": model_fingerprint(pipe), "detector": "linear probe on decoded renders"}
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = resumed(args.name, settings)  # subjects measured with the same settings are kept
     rows = []

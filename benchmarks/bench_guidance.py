@@ -25,7 +25,8 @@ import torch
 from results_io import DETECTOR_CACHE, RESULTS, resumed, save_results, write_atomic
 
 from cones.evaluate import ClipScorer
-from cones.find import FindConfig, _model_id
+from cones.find import FindConfig
+from cones.fingerprint import model_fingerprint
 from cones.generate import grid
 from cones.pipeline import load_pipeline
 from cones_world.concepts import find_subject_concept, references, score_subject, subject_detector
@@ -49,7 +50,7 @@ def main() -> None:
     pipe, scorer = load_pipeline(args.model), ClipScorer()
     settings = {"steps": args.steps, "seeds": seeds, "sparsities": args.sparsity, "guidance": args.guidance,
                 "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "targets": FindConfig.targets,
-                "model": _model_id(pipe), "detector": "linear probe on decoded renders"}
+                "model": model_fingerprint(pipe), "detector": "linear probe on decoded renders"}
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = resumed(args.name, settings)  # subjects measured with the same settings are kept
     for name in args.subjects:

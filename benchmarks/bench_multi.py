@@ -58,23 +58,16 @@ from results_io import DETECTOR_CACHE, RESULTS, save_results
 
 import cones
 from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifiers, text_alignment
-from cones.find import FindConfig, find_concept
+from cones.find import FindConfig, SubjectImages, find_concept, multi_objective, subject_objective
+from cones.fingerprint import model_fingerprint
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
+from cones.overlap import overlap
+from cones.patches import applied
 from cones.pipeline import load_pipeline
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
-from cones.refine import (
-    SubjectData,
-    concatenate,
-    joint_search,
-    multi_objective,
-    overlap_report,
-    refine_concepts,
-    sequential_search,
-    subject_objective,
-)
+from cones.refine import concatenate, joint_search, refine_concepts, sequential_search
 from cones.storage import load_concept_file, save_concept
-from cones.switching import shut
 from cones_world.concepts import (
     SubjectDetector,
     best_threshold,
@@ -154,15 +147,6 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def model_fingerprint(pipe) -> str:
-    """A hash of the UNet's weights, so that cached concepts are never reused on another model."""
-    digest = hashlib.sha256()
-    for name, p in pipe.unet.named_parameters():
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def cached(path: Path, make) -> tuple[ConceptNeurons, float]:
     """The concept stored at `path`, or `make()`'s, stored there; with the seconds it took to make (0: cached)."""
     if path.exists():
@@ -174,7 +158,7 @@ def cached(path: Path, make) -> tuple[ConceptNeurons, float]:
     return concept, time.perf_counter() - start
 
 
-def subject_data(name: str) -> SubjectData:
+def subject_data(name: str) -> SubjectImages:
     return world_subject_data(SUBJECTS[name], TOKENS[name])
 
 
@@ -250,7 +234,7 @@ def score(scorer, rows, prompts, names, detectors) -> dict:
 class MultiSearch:
     """The refinement and the joint search of one composition, sharing one multi-concept loss built on demand."""
 
-    def __init__(self, pipe, subjects: list[SubjectData], parts: list[ConceptNeurons], config: FindConfig):
+    def __init__(self, pipe, subjects: list[SubjectImages], parts: list[ConceptNeurons], config: FindConfig):
         self.pipe, self.subjects, self.parts, self.config = pipe, subjects, parts, config
         self._objective = None
 
@@ -274,7 +258,7 @@ class MultiSearch:
 
 
 def generate_with(pipe, concepts, prompts, seeds) -> list[list[Image.Image]]:
-    with shut(pipe.unet, *concepts):
+    with applied(pipe.unet, *concepts):
         return generate(pipe, prompts, seeds)
 
 
@@ -391,15 +375,15 @@ def main() -> None:
     pairs = {}
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            pairs[f"{a}|{b}"] = overlap_summary(overlap_report(singles[a], singles[b]))
+            pairs[f"{a}|{b}"] = overlap_summary(overlap(singles[a], singles[b]))
     two = searches[2]
-    pair_report = overlap_report(singles["striped-circle"], singles["sunset-sea"])
-    joint_report = overlap_report(two["union"], two["joint"])
+    pair_report = overlap(singles["striped-circle"], singles["sunset-sea"])
+    joint_report = overlap(two["union"], two["joint"])
     refined_reports = {
-        k: overlap_summary(overlap_report(v["union"], v["refined"])) for k, v in searches.items()
+        k: overlap_summary(overlap(v["union"], v["refined"])) for k, v in searches.items()
     }
     joint_reports = {
-        k: overlap_summary(overlap_report(v["union"], v["joint"]))
+        k: overlap_summary(overlap(v["union"], v["joint"]))
         for k, v in searches.items()
         if "joint" in v
     }
@@ -487,7 +471,7 @@ def main() -> None:
             gain = of_first["alone"][metric] - of_first["base"][metric]
             kept = of_first[union_key][metric] - of_first["base"][metric]
             retention[union_key][metric] = kept / gain if gain > 0 else None
-    seq_overlap = overlap_summary(overlap_report(singles[second], sequential))
+    seq_overlap = overlap_summary(overlap(singles[second], sequential))
 
     # 6. Write the results.
     timings["total_s"] = time.perf_counter() - started

@@ -49,11 +49,11 @@ import cones
 from cones import GUIDANCE_SCALE, baselines
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer, score
-from cones.find import FindConfig
+from cones.find import FindConfig, SubjectImages, subject_objective
 from cones.generate import generate
 from cones.objective import SumObjective
-from cones.prompts import SubjectSlot, composition_prompts
-from cones.refine import SubjectData, concatenate, refine_concepts, subject_objective
+from cones.prompts import SubjectWords, composition_prompts
+from cones.refine import concatenate, refine_concepts
 from cones.search import find_concept_neurons
 from cones.storage import save_concept
 from cones_world import concepts
@@ -268,7 +268,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for i, (subject, token) in enumerate(zip(subjects, tokens, strict=True)):
         images, pictures, _ = concepts.references(subject)
-        data = SubjectData(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
+        data = SubjectImages(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
                            class_prompts=subject.prior_prompts())
         objectives.append(
             subject_objective(pipe, data, find_cfg, seed=cfg.seed + i, cache_dir=args.cache_dir)
@@ -382,7 +382,7 @@ def main() -> None:
     # 6. Generate and score every method on every subject group (Table 1), keeping rows for the grids.
     group_prompts = {}
     for n in range(1, 5):
-        slots = [SubjectSlot(s.kind, t, s.class_word) for s, t in zip(subjects[:n], tokens[:n], strict=True)]
+        slots = [SubjectWords(s.kind, t, s.class_word) for s, t in zip(subjects[:n], tokens[:n], strict=True)]
         prompts = group_prompts[n] = composition_prompts(slots)[: cfg.prompts]
         refs = {s.name: references[s.name] for s in subjects[:n]}
         seeds = list(range(cfg.seeds))

@@ -31,6 +31,7 @@ from results_io import save_results
 import cones
 from cones.architectures import SD1_UNET
 from cones.neurons import ConceptNeurons
+from cones.search import select_neurons
 from cones.targets import parameter_shapes, target_parameters
 
 
@@ -49,7 +50,7 @@ def median_time(step: Callable[[], None], repeats: int, undo: Callable[[], None]
 def random_concept(unet: torch.nn.Module, sparsity: float, seed: int) -> ConceptNeurons:
     g = torch.Generator().manual_seed(seed)
     scores = {n: torch.rand(s, generator=g) for n, s in parameter_shapes(unet, "cross").items()}
-    return ConceptNeurons.from_scores(scores, sparsity=sparsity)
+    return ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity))
 
 
 def reload_kv(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], threads: int) -> None:

@@ -45,7 +45,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from results_io import save_results  # noqa: E402
 
 from cones.architectures import SD1_UNET  # noqa: E402
-from cones.memory import LossScaled, attention_processors, gradient_checkpointing  # noqa: E402
+from cones.dtypes import LossScaled  # noqa: E402
+from cones.memory import attention_processors, gradient_checkpointing  # noqa: E402
 from cones.objective import step_generator  # noqa: E402
 from cones.search import find_concept_neurons  # noqa: E402
 from cones.targets import target_parameters  # noqa: E402

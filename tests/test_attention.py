@@ -23,6 +23,7 @@ from cones.attention import (
 from cones.cli import main
 from cones.generate import generate
 from cones.neurons import ConceptNeurons
+from cones.search import select_neurons
 from cones.targets import target_parameters
 from cones_world.render import thing_mask
 
@@ -36,7 +37,7 @@ def state(unet) -> dict[str, torch.Tensor]:
 def some_concept(unet, sparsity=0.2) -> ConceptNeurons:
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(p.shape, generator=g) for n, p in target_parameters(unet, "cross").items()}
-    return ConceptNeurons.from_scores(scores, sparsity=sparsity, token="sks", class_word="dog")
+    return ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity), token="sks", class_word="dog")
 
 
 def unet_inputs(pipe, prompt="a sks dog"):

@@ -22,11 +22,9 @@ from cones.baselines import (
     TokenObjective,
     applied,
     applied_weights,
-    apply,
     custom_diffusion,
     dreambooth,
     load,
-    remove,
     save,
     textual_inversion,
 )
@@ -279,23 +277,23 @@ def test_apply_writes_the_weights_and_remove_restores_bit_for_bit(tiny_pipe, all
     before = snapshot(tiny_pipe)
     params = dict(tiny_pipe.unet.named_parameters())
     for weights in all_weights:
-        apply(tiny_pipe, weights)
+        weights.apply(tiny_pipe)
         assert applied_weights(tiny_pipe) is weights
         for name, t in weights.unet.items():
             assert torch.equal(params[name].detach(), t)
         for word, t in weights.tokens.items():
             assert torch.equal(row(tiny_pipe, word), t)
-        remove(tiny_pipe, weights)
+        weights.remove(tiny_pipe)
         assert applied_weights(tiny_pipe) is None
         assert_same(tiny_pipe, before)
     with applied(tiny_pipe, all_weights[1]):
         with pytest.raises(ValueError, match="already has custom_diffusion"):
-            apply(tiny_pipe, all_weights[0])
+            all_weights[0].apply(tiny_pipe)
         with pytest.raises(ValueError, match="not the ones applied"):
-            remove(tiny_pipe, all_weights[0])
+            all_weights[0].remove(tiny_pipe)
     assert_same(tiny_pipe, before)
     with pytest.raises(ValueError, match="nothing to remove"):
-        remove(tiny_pipe)
+        all_weights[0].remove(tiny_pipe)
 
 
 def test_applied_weights_change_what_the_text_encoder_and_unet_compute(tiny_pipe, all_weights):
@@ -312,10 +310,10 @@ def test_applied_weights_change_what_the_text_encoder_and_unet_compute(tiny_pipe
 def test_apply_refuses_weights_of_another_model(tiny_pipe):
     bad = BaselineWeights("custom_diffusion", unet={"down_blocks.9.attn2.to_k.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="lacks"):
-        apply(tiny_pipe, bad)
+        bad.apply(tiny_pipe)
     bad = BaselineWeights("textual_inversion", tokens={"sks": torch.zeros(5)})
     with pytest.raises(ValueError, match=r"shape \(5,\)"):
-        apply(tiny_pipe, bad)
+        bad.apply(tiny_pipe)
     assert applied_weights(tiny_pipe) is None
 
 

@@ -20,7 +20,7 @@ from cones.prompts import (
     KINDS,
     SD,
     WORLD,
-    SubjectSlot,
+    SubjectWords,
     composition_prompts,
     prompt_set,
     unknown_words,
@@ -327,10 +327,10 @@ def test_world_prompts_use_only_the_world_vocabulary():
 
 def test_composition_prompts_name_every_subject_once_in_world_words():
     slots = [
-        SubjectSlot("object", "sks", "circle"),
-        SubjectSlot("background", "xqz", "sea"),
-        SubjectSlot("accessory", "vlt", "hat"),
-        SubjectSlot("object", "pqm", "star"),
+        SubjectWords("object", "sks", "circle"),
+        SubjectWords("background", "xqz", "sea"),
+        SubjectWords("accessory", "vlt", "hat"),
+        SubjectWords("object", "pqm", "star"),
     ]
     assert composition_prompts(slots[:1]) == prompt_set("object", "sks", "circle")
     assert composition_prompts(slots[:2])[0] == "a sks circle on a xqz sea background"
@@ -356,4 +356,4 @@ def test_composition_prompts_name_every_subject_once_in_world_words():
             )
             assert "a a" not in prompt and " a o" not in prompt  # articles agree: "an orange"
     with pytest.raises(ValueError, match="one background"):
-        composition_prompts([slots[1], SubjectSlot("background", "zrb", "grass")])
+        composition_prompts([slots[1], SubjectWords("background", "zrb", "grass")])

@@ -3,7 +3,8 @@
 The two-process tests start real processes (torchrun, accelerate launch) on the CPU with the gloo backend
 and compare their concepts with a one-process run of the same global batch: in float64 the scores agree to
 rounding and the indices exactly; the `.cones` files of the subjects mode are byte for byte the same.
-This file is also the worker script those processes run (`python tests/test_distributed.py WORKDIR MODEL`).
+This file is also the worker script those processes run (`python tests/test_distributed.py WORKDIR MODEL`,
+or `python tests/test_distributed.py folder SUBJECTS OUT MODEL` for a folder of subjects in the batch mode).
 """
 
 import json
@@ -19,22 +20,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cones.config import FindConfig
 from cones.distributed import (
     DistributedObjective,
-    Subject,
     allreduce_gradients,
-    find_subject_concepts,
-    load_images,
     local_rows,
-    main,
     rank_checkpoint_path,
-    read_subjects,
     rows_loss,
     shard,
 )
+from cones.folders import SubjectFolder, find_each, read_subject_folders
+from cones.images import load_pictures, to_tensor
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig, SumObjective
-from cones.pipeline import load_pipeline
+from cones.pipeline import ModelError, load_pipeline
 from cones.search import find_concept_neurons, select_neurons
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -81,6 +80,11 @@ def write_subjects(root: str) -> str:
 
 def search_kwargs(steps: int) -> dict:
     return {"steps": steps, "sparsity": 0.02, "disable": True}
+
+
+def folder_config(steps: int, **changes) -> FindConfig:
+    """What `cones find --subjects` searches each subject with: a few steps and class images."""
+    return FindConfig(steps=steps, sparsity=0.02, num_class_images=4, **changes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,9 +157,9 @@ def test_rank_checkpoint_path_in_one_process(tmp_path):
 
 
 def test_read_subjects_and_images(tmp_path):
-    subjects = read_subjects(write_subjects(str(tmp_path)))
+    subjects = read_subject_folders(write_subjects(str(tmp_path)))
     assert [s.name for s in subjects] == ["cat", "dog", "mug"]
-    assert subjects[1] == Subject(
+    assert subjects[1] == SubjectFolder(
         "dog",
         "sks",
         "dog",
@@ -163,79 +167,67 @@ def test_read_subjects_and_images(tmp_path):
         tuple(str(tmp_path / "dog" / "class" / f"{j}.png") for j in range(3)),
     )
     assert len(subjects[2].images) == 4 and subjects[0].class_images == ()
-    x = load_images(subjects[0].images, 16)
+    x = to_tensor(load_pictures(subjects[0].images, 16))
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
 
 
 def test_read_subjects_errors(tmp_path):
     with pytest.raises(ValueError, match="`subjects` .* is not a folder"):
-        read_subjects(str(tmp_path / "nowhere"))
+        read_subject_folders(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="has no sub-folder with a subject.json"):
-        read_subjects(str(tmp_path))
+        read_subject_folders(str(tmp_path))
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "subject.json").write_text(json.dumps({"token": "sks"}))
     with pytest.raises(ValueError, match=r"must hold \{\"token\": ..., \"class_word\": ...\} strings"):
-        read_subjects(str(tmp_path))
+        read_subject_folders(str(tmp_path))
     (tmp_path / "a" / "subject.json").write_text(json.dumps({"token": "sks", "class_word": "dog"}))
     with pytest.raises(ValueError, match="holds no images"):
-        read_subjects(str(tmp_path))
+        read_subject_folders(str(tmp_path))
 
 
 def test_subject_concepts_in_one_process(tiny_pipe_path, tmp_path):
     pipe = load_pipeline(tiny_pipe_path)
-    subjects = read_subjects(write_subjects(str(tmp_path / "subjects")))
-    out = str(tmp_path / "out")
-    written = find_subject_concepts(
-        pipe, subjects[:2], out, config=ObjectiveConfig(seed=0), steps=2, sparsity=0.02
-    )
+    subjects = read_subject_folders(write_subjects(str(tmp_path / "subjects")))
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    written = find_each(pipe, subjects[:2], out, folder_config(2, seed=0), cache_dir=cache).written
     assert written == [os.path.join(out, "cat.cones"), os.path.join(out, "dog.cones")]
     dog = ConceptNeurons.load(written[1])
     assert (dog.token, dog.class_word) == ("sks", "dog") and dog.num_neurons == round(0.02 * 5120)
     # Existing files are kept, so an interrupted run continues where it stopped.
-    assert find_subject_concepts(pipe, subjects, out, steps=2, sparsity=0.02) == [
+    assert find_each(pipe, subjects, out, folder_config(2), cache_dir=cache).written == [
         os.path.join(out, "mug.cones")
     ]
     with pytest.raises(ValueError, match="`mode` must be 'subjects' or 'batch'"):
-        find_subject_concepts(pipe, subjects, out, mode="ranks", steps=2, sparsity=0.02)
+        find_each(pipe, subjects, out, folder_config(2), mode="ranks")
 
 
 def test_float16_subject_concepts_are_loss_scaled(tiny_pipe_path, tmp_path, monkeypatch):
-    from cones.memory import LossScaled
+    from cones.dtypes import LossScaled
 
     seen = []  # scales the gradients were divided by: the search's hook went through LossScaled
     unscale = LossScaled.unscale
     monkeypatch.setattr(LossScaled, "unscale", lambda self, grads: seen.append(self.scale) or unscale(self, grads))
-    subjects = read_subjects(write_subjects(str(tmp_path / "subjects")))[:1]
+    subjects = read_subject_folders(write_subjects(str(tmp_path / "subjects")))[:1]
     half = load_pipeline(tiny_pipe_path, dtype=torch.float16)
-    find_subject_concepts(half, subjects, str(tmp_path / "a"), steps=2, sparsity=0.02)
+    find_each(half, subjects, str(tmp_path / "a"), folder_config(2))
     assert seen == [1024.0, 1024.0]
-    find_subject_concepts(half, subjects, str(tmp_path / "b"), steps=2, sparsity=0.02, loss_scale=1.0)
-    find_subject_concepts(load_pipeline(tiny_pipe_path), subjects, str(tmp_path / "c"), steps=2, sparsity=0.02)
+    find_each(half, subjects, str(tmp_path / "b"), folder_config(2, loss_scale=1.0))
+    find_each(load_pipeline(tiny_pipe_path), subjects, str(tmp_path / "c"), folder_config(2))
     assert seen == [1024.0, 1024.0]  # none asked for, and none for float32
 
 
-def test_entry_point_in_one_process(tiny_pipe_path, tmp_path, capsys, monkeypatch):
+def test_report_of_a_folder_in_one_process(tiny_pipe_path, tmp_path, monkeypatch):
+    # What `cones find --subjects` prints: the report, JSON-ready, the same on every process.
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    subjects = write_subjects(str(tmp_path / "subjects"))
-    argv = [
-        subjects,
-        "--out",
-        str(tmp_path / "out"),
-        "--model",
-        tiny_pipe_path,
-        "--steps",
-        "2",
-        "--format",
-        "json",
-    ]
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+    subjects = read_subject_folders(write_subjects(str(tmp_path / "subjects")))
+    pipe, out, cache = load_pipeline(tiny_pipe_path), str(tmp_path / "out"), str(tmp_path / "cache")
+    report = json.loads(json.dumps(find_each(pipe, subjects, out, folder_config(2), cache_dir=cache).to_dict()))
     assert report["processes"] == 1 and len(report["written"]) == 3
     assert [s["name"] for s in report["searched"]] == ["cat", "dog", "mug"]
-    assert main([subjects, "--out", str(tmp_path / "out"), "--model", tiny_pipe_path, "--steps", "2"]) == 0
-    assert "0 concepts written" in capsys.readouterr().out
-    assert main([subjects, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nowhere")]) == 2
-    assert "error: `model`" in capsys.readouterr().err
+    again = find_each(pipe, subjects, out, folder_config(2), cache_dir=cache)
+    assert len(again.written) == 0 and again.skipped == 3
+    with pytest.raises(ModelError, match="`model`"):
+        load_pipeline(str(tmp_path / "nowhere"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def free_port() -> int:
 
 def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a launcher in its own process group; on a timeout the whole group (its workers too) is killed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
@@ -298,16 +290,30 @@ def worker(workdir: str, model: str) -> None:
 
     # 3. Subjects shared out: cat and mug on rank 0, dog on rank 1.
     pipe32 = load_pipeline(model)
-    subjects = read_subjects(os.path.join(workdir, "subjects"))
-    written = find_subject_concepts(pipe32, subjects, os.path.join(workdir, "two"), steps=3, sparsity=0.02)
+    subjects = read_subject_folders(os.path.join(workdir, "subjects"))
+    cache = os.path.join(workdir, "cache")
+    found = find_each(pipe32, subjects, os.path.join(workdir, "two"), folder_config(3), cache_dir=cache)
     with open(os.path.join(workdir, f"written.rank{rank}.json"), "w") as f:
-        json.dump(written, f)
+        json.dump(found.written_by[rank], f)
+
+
+def folder_worker(subjects: str, out: str, model: str) -> None:
+    """Run by each of two processes (accelerate launch): a folder of subjects, each searched by both."""
+    from cones.distributed import init_distributed
+
+    torch.set_num_threads(1)
+    rank, _ = init_distributed("cpu")
+    pipe = load_pipeline(model)
+    cache = os.path.join(os.path.dirname(out), "cache")
+    found = find_each(pipe, read_subject_folders(subjects), out, folder_config(3), mode="batch", cache_dir=cache)
+    if rank == 0:
+        print(json.dumps(found.to_dict(), indent=2))
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_concepts(tiny_pipe_path, tmp_path):
     workdir = str(tmp_path)
-    subjects = read_subjects(write_subjects(os.path.join(workdir, "subjects")))
+    subjects = read_subject_folders(write_subjects(os.path.join(workdir, "subjects")))
     launch(
         [
             sys.executable,
@@ -343,28 +349,30 @@ def test_two_processes_give_the_one_process_concepts(tiny_pipe_path, tmp_path):
     # 3. Subjects shared out: each file byte for byte what one process writes.
     written = [json.load(open(os.path.join(workdir, f"written.rank{r}.json"))) for r in range(2)]
     assert [[os.path.basename(p) for p in w] for w in written] == [["cat.cones", "mug.cones"], ["dog.cones"]]
-    alone = find_subject_concepts(
-        load_pipeline(tiny_pipe_path), subjects, os.path.join(workdir, "one"), steps=3, sparsity=0.02
-    )
+    cache = os.path.join(workdir, "cache")
+    alone = find_each(
+        load_pipeline(tiny_pipe_path), subjects, os.path.join(workdir, "one"), folder_config(3), cache_dir=cache
+    ).written
     for path in alone:
         with open(path, "rb") as a, open(os.path.join(workdir, "two", os.path.basename(path)), "rb") as b:
             assert a.read() == b.read(), path
 
 
 @pytest.mark.slow
-def test_accelerate_launch_of_the_entry_point(tiny_pipe_path, tmp_path):
+def test_accelerate_launch_of_a_folder_in_the_batch_mode(tiny_pipe_path, tmp_path):
     # `--multi_gpu` is how accelerate starts several processes; on a CPU-only machine they use gloo.
     subjects = write_subjects(str(tmp_path / "subjects"))
-    common = [subjects, "--model", tiny_pipe_path, "--steps", "3", "--mode", "batch", "--format", "json"]
     proc = launch(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         "-m", "cones.distributed", *common, "--out", str(tmp_path / "two"), "--device", "cpu"]
+         __file__, "folder", subjects, str(tmp_path / "two"), tiny_pipe_path]
     )  # fmt: skip
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["processes"] == 2 and len(report["written"]) == 3 and len(report["searched"]) == 3
     # One process, the same global batch: float32, so compare by overlap rather than bit for bit.
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    pipe, cache = load_pipeline(tiny_pipe_path), str(tmp_path / "cache")
+    found = find_each(pipe, read_subject_folders(subjects), str(tmp_path / "one"), folder_config(3), cache_dir=cache)
+    assert len(found.written) == 3
     for name in ("cat", "dog", "mug"):
         one = ConceptNeurons.load(str(tmp_path / "one" / f"{name}.cones"))
         two = ConceptNeurons.load(str(tmp_path / "two" / f"{name}.cones"))
@@ -373,4 +381,7 @@ def test_accelerate_launch_of_the_entry_point(tiny_pipe_path, tmp_path):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "folder":
+        folder_worker(*sys.argv[2:5])
+    else:
+        worker(sys.argv[1], sys.argv[2])

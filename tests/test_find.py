@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
+from cones.dtypes import LossScaled, default_loss_scale
 from cones.find import FindConfig, concept_objective, find_concept
 from cones.images import model_resolution
-from cones.memory import LossScaled, default_loss_scale
 
 
 def test_class_images_follow_the_class_guidance_and_are_cached_per_guidance(tiny_pipe, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cones.images import ImageError, list_images, load_images
+from cones.images import ImageError, list_images, load_pictures, to_tensor
 
 
 def save(path, mode="RGB", size=(40, 30), colour=(200, 10, 10)):
@@ -26,14 +26,15 @@ def test_unreadable_file_is_named(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(ImageError, match="broken.png.*remove or re-save"):
-        load_images([str(bad)], 16)
+        load_pictures([str(bad)], 16)
 
 
 def test_grayscale_and_rgba_become_rgb(tmp_path):
     gray = save(tmp_path / "g.png", "L")
     rgba = tmp_path / "a.png"
     Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(rgba)  # fully transparent red
-    images, pictures = load_images([gray, str(rgba)], 16)
+    pictures = load_pictures([gray, str(rgba)], 16)
+    images = to_tensor(pictures)
     assert images.shape == (2, 3, 16, 16)
     assert all(p.mode == "RGB" for p in pictures)
     assert np.allclose(np.asarray(pictures[1]), 255)  # transparency composited on white
@@ -44,20 +45,20 @@ def test_non_square_images_are_centre_cropped(tmp_path):
     im = Image.new("RGB", (60, 20), (0, 0, 255))
     im.paste((255, 0, 0), (0, 0, 20, 20))  # a red square on the left third only
     im.save(tmp_path / "wide.png")
-    _, pictures = load_images([str(tmp_path / "wide.png")], 20)
+    pictures = load_pictures([str(tmp_path / "wide.png")], 20)
     assert np.asarray(pictures[0])[10, 10].tolist() == [0, 0, 255]
 
 
 def test_tiny_images_are_refused(tmp_path):
     with pytest.raises(ImageError, match="at least 16 px"):
-        load_images([save(tmp_path / "t.png", size=(8, 8))], 64)
+        load_pictures([save(tmp_path / "t.png", size=(8, 8))], 64)
 
 
 def test_huge_images_are_refused_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("1", (8000, 8000)).save(path)  # 64 megapixels, a small file
     with pytest.raises(ImageError, match="megapixels"):
-        load_images([str(path)], 64)
+        load_pictures([str(path)], 64)
 
 
 def test_hidden_and_other_files_are_ignored(tmp_path):

@@ -7,8 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import make_tiny_pipeline
 
-from cones.neurons import ConceptNeurons, intersection, overlap, union
-from cones.switching import applied_concepts, shut
+from cones.neurons import ConceptNeurons, intersection, union
+from cones.overlap import overlap
+from cones.patches import applied
+from cones.search import select_neurons
+from cones.switching import applied_concepts
 from cones.targets import parameter_shapes, target_parameters
 
 # -- helpers: the truth the code is checked against -------------------------------------------------
@@ -83,46 +86,6 @@ def test_from_mask_keeps_full_shapes_for_partial_masks(tiny_pipe):
     assert list(concept.indices) == list(shapes)
     assert concept.num_neurons == math.prod(shapes[first])
     assert all(concept.indices[n].numel() == 0 for n in list(shapes)[1:])
-
-
-def test_from_scores_threshold_is_strictly_greater():
-    scores = {"a.weight": torch.tensor([[0.5, 1.0], [2.0, -1.0]]), "b.weight": torch.tensor([1.0, 3.0])}
-    concept = ConceptNeurons.from_scores(scores, threshold=1.0)
-    assert concept.indices["a.weight"].tolist() == [2]
-    assert concept.indices["b.weight"].tolist() == [1]
-
-
-@pytest.mark.parametrize("sparsity", [0.0, 0.013, 0.08, 0.5, 1.0])
-def test_from_scores_sparsity_takes_the_top_scores_jointly(sparsity):
-    g = torch.Generator().manual_seed(1)
-    shapes = {"a.weight": (8, 12), "b.weight": (16, 12), "c.weight": (5,)}
-    scores = {
-        name: torch.randn(shape, generator=g) * (i + 1) for i, (name, shape) in enumerate(shapes.items())
-    }
-    concept = ConceptNeurons.from_scores(scores, sparsity=sparsity)
-    total = sum(math.prod(s) for s in shapes.values())
-    assert concept.num_neurons == round(sparsity * total)
-    chosen = [float(scores[n].reshape(-1)[i]) for n, idx in concept.indices.items() for i in idx.tolist()]
-    others = [
-        float(v)
-        for n, s in scores.items()
-        for i, v in enumerate(s.reshape(-1).tolist())
-        if i not in set(concept.indices[n].tolist())
-    ]
-    if chosen and others:
-        assert min(chosen) >= max(others)
-
-
-def test_from_scores_rejects_bad_arguments():
-    scores = {"a.weight": torch.randn(4, 4)}
-    with pytest.raises(ValueError, match="exactly one"):
-        ConceptNeurons.from_scores(scores)
-    with pytest.raises(ValueError, match="exactly one"):
-        ConceptNeurons.from_scores(scores, threshold=0.0, sparsity=0.1)
-    with pytest.raises(ValueError, match="`sparsity` 1.5"):
-        ConceptNeurons.from_scores(scores, sparsity=1.5)
-    with pytest.raises(ValueError, match="NaN"):
-        ConceptNeurons.from_scores({"a.weight": torch.tensor([0.0, float("nan")])}, sparsity=0.5)
 
 
 def test_constructor_validates_indices():
@@ -259,7 +222,7 @@ def test_special_values_come_back_bit_for_bit(tiny_pipe):
     concept = ConceptNeurons({n: torch.arange(8) for n in params}, parameter_shapes(unet))
     other = ConceptNeurons({n: torch.arange(0, 8, 2) for n in params}, parameter_shapes(unet))
     original = snapshot(unet)
-    with shut(unet, concept, other):
+    with applied(unet, concept, other):
         assert_state(unet, original, [concept, other])
     assert_state(unet, original, [])
 
@@ -387,7 +350,8 @@ def test_switching_edits_sd_sized_weights_in_place_and_keeps_only_the_shut_value
     kv = _KV()
     before = {n: p.detach().clone() for n, p in kv.named_parameters()}
     storage = {n: p.data_ptr() for n, p in kv.named_parameters()}
-    concept = ConceptNeurons.from_scores({n: torch.rand(p.shape) for n, p in before.items()}, sparsity=sparsity)
+    scores = {n: torch.rand(p.shape) for n, p in before.items()}
+    concept = ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity))
     concept.apply(kv)
     saved = kv.__dict__[_REGISTRY_ATTR].saved
     assert sum(s.original.numel() for s in saved.values()) == concept.num_neurons

@@ -16,16 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cones.memory import (
-    LossScaled,
-    attention_processors,
-    gradient_checkpointing,
-    memory_settings,
-    resolve_dtype,
-    uses_sdpa,
-)
-from cones.neurons import ConceptNeurons, overlap
+from cones.dtypes import LossScaled, resolve_dtype
+from cones.memory import attention_processors, gradient_checkpointing, memory_settings, uses_sdpa
+from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig
+from cones.overlap import overlap
 from cones.pipeline import ModelError, checkpoint_family, load_pipeline, resolve_model
 from cones.search import SearchError, find_concept_neurons
 from cones.storage import concept_to_bytes

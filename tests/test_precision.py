@@ -15,19 +15,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cones.fingerprint import concept_fingerprint
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig
 from cones.precision import (
     PRECISIONS,
     TunedConcept,
     ValuesFileError,
-    fingerprint,
     load_values,
     pack_codes,
     tune_values,
     unpack_codes,
     values_bytes,
 )
+from cones.search import select_neurons
 from cones.storage import ConceptFileError, load_concept_file
 from cones.targets import target_parameters
 
@@ -35,7 +36,7 @@ from cones.targets import target_parameters
 def make_concept(unet, sparsity=0.05, seed=0) -> ConceptNeurons:
     g = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(p.shape, generator=g) for name, p in target_parameters(unet, "cross").items()}
-    return ConceptNeurons.from_scores(scores, sparsity=sparsity, token="sks", class_word="dog")
+    return ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity), token="sks", class_word="dog")
 
 
 def state(unet) -> dict[str, torch.Tensor]:
@@ -242,7 +243,7 @@ def test_values_file_round_trip_and_size(tiny_pipe, tmp_path, precision):
 def test_values_file_refuses_another_concept_and_damage(tiny_pipe, tmp_path):
     unet = tiny_pipe.unet
     concept, other = make_concept(unet, seed=0), make_concept(unet, seed=1)
-    assert fingerprint(concept) != fingerprint(other)
+    assert concept_fingerprint(concept) != concept_fingerprint(other)
     values = {n: torch.zeros(i.numel()) for n, i in concept.indices.items() if i.numel()}
     path = tmp_path / "v.cones-values"
     TunedConcept(concept, "float32", values).save(path)

@@ -10,20 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cones.find import FindConfig
+from cones.find import FindConfig, SubjectImages, multi_objective
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig, SumObjective
+from cones.overlap import overlap
 from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
-from cones.refine import (
-    SubjectData,
-    concatenate,
-    joint_search,
-    multi_objective,
-    overlap_report,
-    parts_of,
-    refine_concepts,
-    sequential_search,
-)
+from cones.refine import concatenate, joint_search, parts_of, refine_concepts, sequential_search
 from cones.switching import applied_concepts
 from cones.targets import parameter_shapes
 
@@ -230,8 +222,8 @@ def test_multi_subject_searches_refuse_a_model_with_concepts_applied(two_subject
 def test_multi_objective_is_the_sum_of_independently_seeded_subject_losses(tiny_pipe):
     config = FindConfig(batch_size=2, num_class_images=4, seed=5)
     subjects = [
-        SubjectData(images(3, 1), "sks", "dog", class_prompts=["a dog", "a red dog"]),
-        SubjectData(images(2, 2), "xqz", "cat", class_pictures=[Image.new("RGB", (16, 16), (200, 0, 0))] * 2),
+        SubjectImages(images(3, 1), "sks", "dog", class_prompts=["a dog", "a red dog"]),
+        SubjectImages(images(2, 2), "xqz", "cat", class_pictures=[Image.new("RGB", (16, 16), (200, 0, 0))] * 2),
     ]
     total = multi_objective(tiny_pipe, subjects, config)
     dog, cat = total.objectives
@@ -253,7 +245,7 @@ def test_overlap_report_against_hand_counts():
     shapes = {"x": (2, 5), "y": (4,)}
     a = ConceptNeurons({"x": [0, 1, 2, 3], "y": [0]}, shapes)
     b = ConceptNeurons({"x": [2, 3, 4, 5, 6]}, shapes)
-    report = overlap_report(a, b)
+    report = overlap(a, b)
     assert (report.size_a, report.size_b, report.shared, report.union) == (5, 5, 2, 8)
     assert report.jaccard == pytest.approx(2 / 8)
     assert report.share_of_a == pytest.approx(2 / 5) and report.share_of_b == pytest.approx(2 / 5)
@@ -268,7 +260,7 @@ def test_overlap_report_against_hand_counts():
 
 def test_random_concepts_share_what_chance_predicts(tiny_pipe):
     shapes = parameter_shapes(tiny_pipe.unet, "all")
-    report = overlap_report(random_concept(shapes, 0.3, 0), random_concept(shapes, 0.2, 1))
+    report = overlap(random_concept(shapes, 0.3, 0), random_concept(shapes, 0.2, 1))
     # independent draws: the shared count is hypergeometric around the chance value (sd ~ sqrt(chance))
     assert abs(report.shared - report.chance) < 5 * report.chance**0.5
 

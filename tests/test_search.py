@@ -8,6 +8,7 @@ killed process), and the non-finite guard.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -223,6 +224,47 @@ def test_sparsity_selects_the_top_positive_scores_jointly():
         False,
         False,
     ]
+
+
+def test_threshold_is_strictly_greater_in_every_parameter():
+    scores = {"a.weight": torch.tensor([[0.5, 1.0], [2.0, -1.0]]), "b.weight": torch.tensor([1.0, 3.0])}
+    concept = ConceptNeurons.from_mask(select_neurons(scores, threshold=1.0))
+    assert concept.indices["a.weight"].tolist() == [2]
+    assert concept.indices["b.weight"].tolist() == [1]
+
+
+@pytest.mark.parametrize("sparsity", [0.013, 0.08, 0.5, 1.0])
+def test_sparsity_takes_the_top_scores_jointly(sparsity):
+    # Positive scores: the rule selects no other (and refuses sparsity 0, which selects nothing).
+    g = torch.Generator().manual_seed(1)
+    shapes = {"a.weight": (8, 12), "b.weight": (16, 12), "c.weight": (5,)}
+    scores = {
+        name: torch.randn(shape, generator=g).abs() * (i + 1) for i, (name, shape) in enumerate(shapes.items())
+    }
+    concept = ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity))
+    total = sum(math.prod(s) for s in shapes.values())
+    assert concept.num_neurons == round(sparsity * total)
+    chosen = [float(scores[n].reshape(-1)[i]) for n, idx in concept.indices.items() for i in idx.tolist()]
+    others = [
+        float(v)
+        for n, s in scores.items()
+        for i, v in enumerate(s.reshape(-1).tolist())
+        if i not in set(concept.indices[n].tolist())
+    ]
+    if chosen and others:
+        assert min(chosen) >= max(others)
+
+
+def test_selection_rejects_bad_arguments():
+    scores = {"a.weight": torch.randn(4, 4)}
+    with pytest.raises(ValueError, match="exactly one"):
+        select_neurons(scores)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_neurons(scores, threshold=0.0, sparsity=0.1)
+    with pytest.raises(ValueError, match="`sparsity` must be a fraction in \\(0, 1\\], got 1.5"):
+        select_neurons(scores, sparsity=1.5)
+    with pytest.raises(ValueError, match="NaN"):
+        select_neurons({"a.weight": torch.tensor([0.0, float("nan")])}, sparsity=0.5)
 
 
 def test_search_result_can_select_again():
@@ -526,7 +568,7 @@ def test_checkpoint_of_another_objective_is_refused_and_the_objective_is_recorde
     assert (recorded["subject_images"], recorded["class_images"], recorded["seed"]) == (3, 4, 0)
     # wrappers that change no value of the loss describe it as the objective they wrap
     from cones.distributed import DistributedObjective
-    from cones.memory import LossScaled
+    from cones.dtypes import LossScaled
 
     assert LossScaled(tiny_objective(tiny_pipe)).describe() == recorded
     assert DistributedObjective(tiny_objective(tiny_pipe)).describe() == recorded

@@ -1,11 +1,11 @@
-"""Many processes: one search shared across them, or many subjects shared out among them.
+"""Many processes, one search: the global batch of each step split across them.
 
-**One search, the global batch split across processes.** Every process builds the same
-`ConceptObjective` (same images, same seed), so every process draws the same global batch of step k.
-`DistributedObjective` makes each process compute only its rows of that batch (row r, r + W, r + 2W, ...
-for rank r of W), weighted so that the sum over processes of the local losses is exactly L_con; the search's
-`gradient_hook` then sums the gradients over processes (`allreduce_gradients`). Every process therefore
-takes the same search step as a single process with the whole batch, and ends with the same concept:
+Every process builds the same `ConceptObjective` (same images, same seed), so every process draws the same
+global batch of step k. `DistributedObjective` makes each process compute only its rows of that batch (row r,
+r + W, r + 2W, ... for rank r of W), weighted so that the sum over processes of the local losses is exactly
+L_con; the search's `gradient_hook` then sums the gradients over processes (`allreduce_gradients`). Every
+process therefore takes the same search step as a single process with the whole batch, and ends with the
+same concept:
 
     rank, world_size = init_distributed()                      # from torchrun / accelerate launch
     objective = ConceptObjective.from_pipeline(pipe, images, token="sks", class_word="dog", ...)
@@ -15,77 +15,48 @@ takes the same search step as a single process with the whole batch, and ends wi
         checkpoint_path=rank_checkpoint_path("dog.search.safetensors"),
     )
 
-The loss each process reports is the global L_con (one scalar all-reduce per step), so the loss history,
-the non-finite guard and any `callback` agree across processes. Checkpoints: rank 0 writes the given path;
-`rank_checkpoint_path` gives each other rank a private copy of rank 0's file, so a resumed search starts
-every process from the same step (the path must be on a file system all processes see). In float16 with
-loss scaling (`cones.memory.LossScaled`), wrap the distributed objective and sum before unscaling,
-`gradient_hook=lambda g: scaled.unscale(allreduce_gradients(g))`, so that an overflow on any process stops
-every process.
+`find_concept(..., split_batch=True)` does this for a subject's pictures. The loss each process reports is the
+global L_con (one scalar all-reduce per step), so the loss history, the non-finite guard and any `callback`
+agree across processes. Checkpoints: rank 0 writes the given path; `rank_checkpoint_path` gives each other rank
+a private copy of rank 0's file, so a resumed search starts every process from the same step (the path must be
+on a file system all processes see). In float16 with loss scaling (`cones.dtypes.LossScaled`), wrap the
+distributed objective and sum before unscaling, `gradient_hook=lambda g: scaled.unscale(allreduce_gradients(g))`,
+so that an overflow on any process stops every process.
 
-**Many subjects, each process its share.** `find_subject_concepts` takes a list of subjects (a folder of
-subject folders, see `read_subjects`); with `mode="subjects"` rank r searches subjects r, r + W, ... alone,
-with `mode="batch"` all processes search each subject together as above. A subject's `.cones` file is the
-one a single process writes: byte for byte in the subjects mode, up to the rounding of the summed gradients
-in the batch mode (the same indices in the tests). Subjects whose file exists are skipped, so an
-interrupted run continues where it stopped:
-
-    torchrun --standalone --nproc_per_node 8 -m cones.distributed subjects/ --out concepts/ --model sd15/
-    accelerate launch --multi_gpu --num_processes 8 -m cones.distributed subjects/ --out concepts/ ...
-
-On a CPU-only machine `accelerate launch --multi_gpu --num_processes 2` also starts two processes (through
-torchrun; the processes then use the gloo backend), whereas `accelerate launch --cpu --num_processes 2`
-starts only one.
+Many subjects shared out among processes (`cones find --subjects DIR`) are `cones.folders.find_each`.
+`rank_and_size()` and `shard` are the process-group helpers both use. On a CPU-only machine
+`accelerate launch --multi_gpu --num_processes 2` starts two processes (through torchrun; the processes then
+use the gloo backend), whereas `accelerate launch --cpu --num_processes 2` starts only one.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from cones.memory import loss_scaled
-from cones.objective import ConceptObjective, ObjectiveConfig
-from cones.search import SearchResult, find_concept_neurons
-from cones.targets import Targets
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+from cones.objective import ConceptObjective
 
 __all__ = [
     "DistributedObjective",
-    "Subject",
     "allreduce_gradients",
-    "find_subject_concepts",
     "init_distributed",
-    "load_images",
     "local_rows",
+    "rank_and_size",
     "rank_checkpoint_path",
-    "read_subjects",
     "rows_loss",
     "shard",
-    "world",
 ]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SUBJECT_FILE = "subject.json"
-CLASS_FOLDER = "class"
 
 
 # -- the process group ---------------------------------------------------------------------------------
 
 
-def world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
-    """(rank, world size) of this process: from the process group when there is one, else (0, 1)."""
+def rank_and_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(rank, size) of this process in the process group when there is one, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
@@ -106,7 +77,7 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[int, int
         if cuda:
             torch.cuda.set_device(torch.device(device))  # NCCL collectives run on the current device
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return world()
+    return rank_and_size()
 
 
 def shard(items: Sequence, rank: int, world_size: int) -> list:
@@ -134,27 +105,15 @@ def rows_loss(objective: ConceptObjective, step: int, rows: torch.Tensor) -> tor
 
     L_con = mean over subject rows + λ · mean over class rows, so row i contributes w_i · ℓ_i with
     w_i = 1/(subject rows) or λ/(class rows); summed over a partition of the rows, these parts give
-    `objective.loss(step)` (up to rounding). Same draw, noise, targets and float32 reduction as
-    `ConceptObjective.loss`.
+    `objective.loss(step)` (up to rounding). Same draw and per-row loss as `ConceptObjective.loss`.
     """
     batch = objective.draw(step)
     n, b = len(batch.latents), batch.num_subject
     weights = torch.full((n,), 1.0 / b, dtype=torch.float64)  # (rows,)
     if n > b:
         weights[b:] = objective.config.prior_weight / (n - b)
-    idx = rows.to(batch.latents.device)
-    latents, noise, timesteps = batch.latents[idx], batch.noise[idx], batch.timesteps[idx]  # (r, C, h, w) ...
-    noisy = objective.noise_scheduler.add_noise(latents, noise, timesteps)  # (r, C, h, w)
-    if objective.prediction_type == "epsilon":
-        target = noise
-    elif objective.prediction_type == "v_prediction":
-        target = objective.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = latents
-    pred = objective.unet(noisy, timesteps, batch.prompt_embeds[idx]).sample  # (r, C, h, w)
-    dtype = torch.promote_types(pred.dtype, torch.float32)
-    per_row = F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").flatten(1).mean(1)  # (r,)
-    return (per_row * weights[rows].to(per_row.device, dtype)).sum()
+    per_row = objective.row_losses(batch, rows)  # (r,)
+    return (per_row * weights[rows].to(per_row.device, per_row.dtype)).sum()
 
 
 class DistributedObjective:
@@ -173,7 +132,7 @@ class DistributedObjective:
             )
         self.objective = objective
         self.group = group
-        self.rank, self.world_size = world(group)
+        self.rank, self.world_size = rank_and_size(group)
         self.token = objective.token
         self.class_word = objective.class_word
         rows = objective.config.batch_size * (1 if objective.class_latents is None else 2)
@@ -216,7 +175,7 @@ def rank_checkpoint_path(path: str | os.PathLike[str], group: dist.ProcessGroup 
     from a copy of it taken now (their own writes go to the copy and are never read by anyone else).
     """
     path = os.fspath(path)
-    rank, world_size = world(group)
+    rank, world_size = rank_and_size(group)
     if world_size > 1:
         dist.barrier(group=group)  # rank 0 has finished writing (e.g. the end of an earlier search)
     if rank == 0:
@@ -230,301 +189,3 @@ def rank_checkpoint_path(path: str | os.PathLike[str], group: dist.ProcessGroup 
     if world_size > 1:
         dist.barrier(group=group)  # every copy is taken before rank 0 writes again
     return mine
-
-
-# -- many subjects -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One subject folder: its images, identifier token and class word, and optional class images."""
-
-    name: str
-    token: str
-    class_word: str
-    images: tuple[str, ...]
-    class_images: tuple[str, ...] = ()
-
-
-def _image_files(folder: str) -> tuple[str, ...]:
-    return tuple(
-        os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_SUFFIXES)
-    )
-
-
-def read_subjects(root: str | os.PathLike[str]) -> list[Subject]:
-    """The subjects under `root`, sorted by name: each sub-folder with a `subject.json` file.
-
-    root/dog/subject.json   {"token": "sks", "class_word": "dog"}
-    root/dog/1.png ...      the subject images
-    root/dog/class/*.png    optional class (prior-preservation) images
-    """
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise ValueError(f"`subjects` {root!r} is not a folder; pass a folder of subject folders.")
-    subjects = []
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        spec_path = os.path.join(folder, SUBJECT_FILE)
-        if not os.path.isfile(spec_path):
-            continue
-        with open(spec_path, encoding="utf-8") as f:
-            spec = json.load(f)
-        if not isinstance(spec, dict) or not all(
-            isinstance(spec.get(k), str) for k in ("token", "class_word")
-        ):
-            raise ValueError(
-                f'`{spec_path}` must hold {{"token": ..., "class_word": ...}} strings, got {spec!r}.'
-            )
-        images = _image_files(folder)
-        if not images:
-            raise ValueError(
-                f"subject folder {folder!r} holds no images; add {'/'.join(IMAGE_SUFFIXES)} files."
-            )
-        class_folder = os.path.join(folder, CLASS_FOLDER)
-        class_images = _image_files(class_folder) if os.path.isdir(class_folder) else ()
-        subjects.append(Subject(name, spec["token"], spec["class_word"], images, class_images))
-    if not subjects:
-        raise ValueError(f"`subjects` {root!r} has no sub-folder with a {SUBJECT_FILE}; see `read_subjects`.")
-    return subjects
-
-
-def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """(n, 3, size, size) float32 in [-1, 1]: each image as RGB, its short side resized to `size`, centre-cropped."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = size / min(image.size)
-            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-            image = image.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - size) // 2, (h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, size, size)
-        out.append(pixels / 127.5 - 1)
-    return torch.stack(out)
-
-
-def find_subject_concepts(
-    pipe: StableDiffusionPipeline,
-    subjects: Sequence[Subject],
-    out_dir: str | os.PathLike[str],
-    *,
-    mode: Literal["subjects", "batch"] = "subjects",
-    config: ObjectiveConfig | None = None,
-    steps: int = 1000,
-    lr: float = 2e-5,
-    threshold: float | None = None,
-    sparsity: float | None = None,
-    targets: Targets = "cross",
-    loss_scale: float | None = None,
-    overwrite: bool = False,
-    group: dist.ProcessGroup | None = None,
-    disable: bool = True,
-    on_result: Callable[[Subject, SearchResult], None] | None = None,
-) -> list[str]:
-    """Search the concept of each subject and write `out_dir/<name>.cones`; return the files this process wrote.
-
-    Args:
-        pipe: a `StableDiffusionPipeline` (e.g. from `cones.pipeline.load_pipeline`) on this process's device.
-        subjects: the subjects, in the same order on every process (e.g. `read_subjects(folder)`).
-        out_dir: where the `.cones` files go; existing files are kept (the subject is skipped) unless
-            `overwrite`.
-        mode: `"subjects"`: each process searches its share of the subjects alone;
-            `"batch"`: all processes search every subject together, each computing part of the batch.
-        config: the objective's settings (templates, batch size, λ, seed); the same on every process.
-        steps, lr, threshold, sparsity, targets: as in `cones.search.find_concept_neurons` (Algorithm A2).
-        loss_scale: as `FindConfig.loss_scale` (None: 1024 for a float16 UNet, else none); the gradients
-            are summed over processes, then unscaled.
-        overwrite: search subjects whose file exists again and replace the file.
-        group: the process group (default: the global one, or none when not distributed).
-        disable: hide the progress bars (they are shown on rank 0 at most).
-        on_result: called with each subject and its `SearchResult` on the process(es) that searched it.
-    """
-    if mode not in ("subjects", "batch"):
-        raise ValueError(f"`mode` must be 'subjects' or 'batch', got {mode!r}.")
-    rank, world_size = world(group)
-    os.makedirs(out_dir, exist_ok=True)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    mine = shard(subjects, rank, world_size) if mode == "subjects" else list(subjects)
-    written = []
-    for subject in mine:
-        path = os.path.join(os.fspath(out_dir), f"{subject.name}.cones")
-        if os.path.exists(path) and not overwrite:
-            continue
-        # 1. The objective: the same images, prompts and seed on every process.
-        objective = ConceptObjective.from_pipeline(
-            pipe,
-            load_images(subject.images, size),
-            token=subject.token,
-            class_word=subject.class_word,
-            class_images=load_images(subject.class_images, size) if subject.class_images else None,
-            config=config,
-        )
-        # 2. The search: alone, or this process's rows with the gradients summed over processes.
-        shared = mode == "batch" and world_size > 1
-        searched, unscale = loss_scaled(
-            DistributedObjective(objective, group) if shared else objective, pipe.unet.dtype, loss_scale
-        )
-        # Sum the scaled gradients, then unscale: an overflow anywhere stops every process.
-        hooks = [lambda g: allreduce_gradients(g, group)] if shared else []
-        hooks += [unscale] if unscale else []
-        result = find_concept_neurons(
-            searched,
-            pipe.unet,
-            steps=steps,
-            lr=lr,
-            threshold=threshold,
-            sparsity=sparsity,
-            targets=targets,
-            disable=disable or rank != 0,
-            gradient_hook=_chain(hooks),
-        )
-        if on_result is not None:
-            on_result(subject, result)
-        # 3. One process writes the file.
-        if mode == "subjects" or rank == 0:
-            result.concept.save(path, overwrite=overwrite)
-            written.append(path)
-    if world_size > 1:
-        dist.barrier(group=group)
-    return written
-
-
-def _chain(hooks: list[Callable]) -> Callable | None:
-    """One gradient hook that applies `hooks` in order (None for none)."""
-    if not hooks:
-        return None
-
-    def chained(grads):
-        for hook in hooks:
-            grads = hook(grads)
-        return grads
-
-    return chained
-
-
-# -- python -m cones.distributed ------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cones.distributed",
-        description="Find the concept of every subject in a folder, with one or many processes.",
-        epilog="example: torchrun --standalone --nproc_per_node 2 -m cones.distributed subjects/ --out concepts/ "
-        "--model sd15/ --dtype fp16 --sparsity 0.0132",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("subjects", help="folder of subject folders (subject.json + images, optional class/)")
-    p.add_argument("--out", required=True, help="folder for the <subject>.cones files")
-    p.add_argument("--model", default=None, help="diffusers folder or .safetensors/.ckpt (default: embedded)")
-    p.add_argument(
-        "--config", default=None, help="diffusers folder giving the configs of a single-file --model"
-    )
-    p.add_argument(
-        "--mode",
-        choices=("subjects", "batch"),
-        default="subjects",
-        help="share out the subjects, or share each subject's batch",
-    )
-    p.add_argument("--steps", type=int, default=1000, help="search steps K")
-    p.add_argument("--lr", type=float, default=2e-5, help="rate ρ of Adam on ξ")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of candidate weights to select")
-    p.add_argument("--threshold", type=float, default=None, help="select M_p > τ instead of --sparsity")
-    p.add_argument("--targets", default="cross", help="cross, self or all")
-    p.add_argument("--batch-size", type=int, default=2, help="subject images per step (as many class images)")
-    p.add_argument("--prior-weight", type=float, default=1.0, help="λ of the prior-preservation term")
-    p.add_argument("--seed", type=int, default=0, help="seed of batches, timesteps and noise")
-    p.add_argument("--dtype", default="float32", help="weights: float32, float16 or bfloat16")
-    p.add_argument("--loss-scale", type=float, default=None,
-                   help="scale of the backward pass (default: 1024 for float16, else none)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
-    p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="search again subjects whose .cones exists")
-    p.add_argument("--format", choices=("text", "json"), default="text", help="summary printed by rank 0")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from cones.memory import resolve_dtype
-    from cones.pipeline import ModelError, load_pipeline
-
-    args = _parser().parse_args(argv)
-    if args.sparsity is None and args.threshold is None:
-        args.sparsity = 0.0132
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        dtype = resolve_dtype(args.dtype)
-        subjects = read_subjects(args.subjects)
-        config = ObjectiveConfig(batch_size=args.batch_size, prior_weight=args.prior_weight, seed=args.seed)
-        rank, world_size = init_distributed(device)
-        pipe = load_pipeline(
-            args.model, device, dtype, config=args.config, gradient_checkpointing=args.gradient_checkpointing
-        )
-        summary = []
-
-        def record(subject: Subject, result: SearchResult) -> None:
-            if args.mode == "batch" and rank != 0:
-                return  # every process holds the same result
-            summary.append(
-                {
-                    "name": subject.name,
-                    "neurons": result.concept.num_neurons,
-                    "sparsity": result.concept.sparsity,
-                    "final_loss": result.losses[-1],
-                }
-            )
-
-        written = find_subject_concepts(
-            pipe,
-            subjects,
-            args.out,
-            mode=args.mode,
-            config=config,
-            steps=args.steps,
-            lr=args.lr,
-            threshold=args.threshold,
-            sparsity=args.sparsity,
-            targets=args.targets,
-            loss_scale=args.loss_scale,
-            overwrite=args.overwrite,
-            disable=False,
-            on_result=record,
-        )
-    except (ModelError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    gathered = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(gathered, {"written": written, "summary": summary})
-        dist.destroy_process_group()
-    else:
-        gathered = [{"written": written, "summary": summary}]
-    if rank == 0:
-        files = sorted(f for g in gathered for f in g["written"])
-        if args.format == "json":
-            print(
-                json.dumps(
-                    {
-                        "processes": world_size,
-                        "mode": args.mode,
-                        "written": files,
-                        "searched": [s for g in gathered for s in g["summary"]],
-                    },
-                    indent=2,
-                )
-            )
-        else:
-            print(
-                f"{len(files)} concepts written to {args.out} by {world_size} process(es); "
-                f"{len(subjects) - len(files)} already there"
-            )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

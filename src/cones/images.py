@@ -24,17 +24,18 @@ class ImageError(InputError):
     """A reference image (or folder) that cannot be used; the message says what to do."""
 
 
-def list_images(folder: str) -> list[str]:
-    """The image files in `folder`, sorted by name."""
-    if not os.path.isdir(folder):
-        raise ImageError(
-            f"`--images` {folder!r} is not a folder; pass a folder holding 3-5 photos of the subject."
-        )
-    files = sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if f.lower().endswith(EXTENSIONS) and not f.startswith(".")
+def image_files(folder: str) -> list[str]:
+    """The image files in `folder` (by extension, hidden files left out), sorted by name; [] when none."""
+    return sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith(".")
     )
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files in `folder`, sorted by name; `ImageError` when it is no folder or holds none."""
+    if not os.path.isdir(folder):
+        raise ImageError(f"`--images` {folder!r} is not a folder; pass a folder holding 3-5 photos of the subject.")
+    files = image_files(folder)
     if not files:
         raise ImageError(
             f"`--images` {folder!r} holds no images ({', '.join(EXTENSIONS)}); put 3-5 photos of the subject there."
@@ -82,12 +83,15 @@ def open_image(path: str) -> Image.Image:
     return image
 
 
-def load_images(paths: Sequence[str], size: int) -> tuple[torch.Tensor, list[Image.Image]]:
-    """Images as a (n, 3, size, size) tensor in [-1, 1], and the squared PIL images."""
+def load_pictures(paths: Sequence[str], size: int) -> list[Image.Image]:
+    """The images at `paths` as RGB PIL pictures of `size` x `size` (`open_image`, then `square`).
+
+    `to_tensor` turns them into the (n, 3, size, size) tensor in [-1, 1] the objective takes; `find_concept`
+    and `SubjectImages` take the pictures as they are.
+    """
     if not paths:
         raise ImageError("no reference images given; pass a folder with 3-5 photos of the subject.")
-    squared = [square(open_image(p), size) for p in paths]
-    return to_tensor(squared), squared
+    return [square(open_image(p), size) for p in paths]
 
 
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:

@@ -5,9 +5,9 @@ the sorted unique int64 flat indices (into `param.view(-1)`) of the weights to *
 It also records the shapes of *all* target parameters of the base model, including those without neurons,
 so that a concept can be checked against a model before it touches it.
 
-This module holds the object and its set algebra (union, intersection, overlap statistics). Shutting the
-neurons in a live UNet, and restoring them bit for bit, lives in `cones.switching`; the file format lives
-in `cones.storage`. Nothing here reads files or prints.
+This module holds the object and its set algebra (union, intersection); how much two concepts share is
+`cones.overlap`. Shutting the neurons in a live UNet, and restoring them bit for bit, lives in
+`cones.switching`; the file format lives in `cones.storage`. Nothing here reads files or prints.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import operator
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 
 from cones import switching
 from cones.errors import ConceptMismatchError
+from cones.patches import Patch
 
 
 def _as_shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -56,7 +57,7 @@ def _as_index_tensor(name: str, indices: Any, numel: int) -> torch.Tensor:
     return idx
 
 
-def _intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def intersect_indices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elements of sorted unique `a` that are also in sorted unique `b`, sorted."""
     if a.numel() == 0 or b.numel() == 0:
         return a[:0]
@@ -64,7 +65,8 @@ def _intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a[b[pos] == a]
 
 
-def _merged_shapes(concepts: tuple[ConceptNeurons, ...]) -> dict[str, tuple[int, ...]]:
+def merged_shapes(concepts: tuple[ConceptNeurons, ...]) -> dict[str, tuple[int, ...]]:
+    """The target shapes of all `concepts`, in order of appearance; ValueError where two disagree."""
     shapes: dict[str, tuple[int, ...]] = {}
     for concept in concepts:
         for name, shape in concept.shapes.items():
@@ -76,13 +78,21 @@ def _merged_shapes(concepts: tuple[ConceptNeurons, ...]) -> dict[str, tuple[int,
     return shapes
 
 
+def shared_identity(parts: Iterable[dict[str, Any]]) -> dict[str, str | None]:
+    """`token` and `class_word` of a concept made of `parts` (dicts with both): the value all parts share,
+    or None where they differ."""
+    parts = list(parts)
+    identity: dict[str, str | None] = {}
+    for key in ("token", "class_word"):
+        values = {part[key] for part in parts}
+        identity[key] = values.pop() if len(values) == 1 else None
+    return identity
+
+
 def _combined_fields(kind: str, concepts: tuple[ConceptNeurons, ...]) -> dict[str, Any]:
-    tokens = {c.token for c in concepts}
-    class_words = {c.class_word for c in concepts}
     parts = [{"token": c.token, "class_word": c.class_word, "num_neurons": c.num_neurons} for c in concepts]
     return {
-        "token": tokens.pop() if len(tokens) == 1 else None,
-        "class_word": class_words.pop() if len(class_words) == 1 else None,
+        **shared_identity(parts),
         "metadata": {"combined": kind, "parts": parts},
         "base_sha256": common_base_sha256(concepts),
     }
@@ -103,7 +113,7 @@ def common_base_sha256(concepts: tuple[ConceptNeurons, ...] | list[ConceptNeuron
 
 
 @dataclass(eq=False, repr=False)
-class ConceptNeurons:
+class ConceptNeurons(Patch):
     """A set of concept neurons: per target parameter, the flat indices of the weights to shut.
 
     `indices` maps a UNet parameter name to a sorted unique int64 CPU tensor of flat indices; after
@@ -173,53 +183,6 @@ class ConceptNeurons:
             metadata=dict(metadata or {}),
             base_sha256=base_sha256,
         )
-
-    @classmethod
-    def from_scores(
-        cls,
-        scores: Mapping[str, torch.Tensor],
-        *,
-        threshold: float | None = None,
-        sparsity: float | None = None,
-        shapes: Mapping[str, tuple[int, ...]] | None = None,
-        token: str | None = None,
-        class_word: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> ConceptNeurons:
-        """Build a concept from per-weight scores (higher = more a concept neuron); give exactly one rule.
-
-        `threshold`: the neurons are the weights whose score is `> threshold` (the paper's `M_p > tau`).
-        `sparsity`: the `round(sparsity * total weights)` highest scores over all parameters jointly, where
-        the total counts every parameter in `shapes` (default: the scores' shapes). Ties break arbitrarily.
-        """
-        if (threshold is None) == (sparsity is None):
-            raise ValueError("give exactly one of `threshold` and `sparsity`")
-        shapes = dict(shapes) if shapes is not None else {name: tuple(s.shape) for name, s in scores.items()}
-        for name, s in scores.items():
-            if not s.dtype.is_floating_point:
-                raise ValueError(f"`scores[{name!r}]` must be a floating tensor, got dtype {s.dtype}")
-            if bool(torch.isnan(s).any()):
-                raise ValueError(f"`scores[{name!r}]` holds NaN; fix the search or mask them with -inf")
-        if threshold is not None:
-            mask = {name: s > threshold for name, s in scores.items()}
-            return cls.from_mask(mask, shapes=shapes, token=token, class_word=class_word, metadata=metadata)
-
-        assert sparsity is not None
-        total = sum(math.prod(shape) for shape in shapes.values())
-        k = round(sparsity * total)
-        candidates = sum(s.numel() for s in scores.values())
-        if not 0.0 <= sparsity <= 1.0 or k > candidates:
-            raise ValueError(
-                f"`sparsity` {sparsity!r} asks for {k} neurons out of {candidates} scored weights; "
-                "use a value in [0, 1] that the scores can cover"
-            )
-        names = list(scores)
-        flat = torch.cat([scores[name].detach().reshape(-1).float() for name in names])  # (candidates,)
-        top = torch.topk(flat, k, sorted=False).indices.sort().values.cpu()  # global positions, sorted
-        bounds = torch.tensor([0] + [scores[name].numel() for name in names]).cumsum(0)
-        cuts = torch.searchsorted(top, bounds).tolist()
-        indices = {name: top[cuts[i] : cuts[i + 1]] - bounds[i] for i, name in enumerate(names)}
-        return cls(indices, shapes, token=token, class_word=class_word, metadata=dict(metadata or {}))
 
     # -- statistics ---------------------------------------------------------------------------------
 
@@ -337,11 +300,9 @@ class ConceptNeurons:
         """Undo one `apply` of this concept, restoring every weight no other active concept shuts."""
         switching.remove_concept(unet, self)
 
-    @contextmanager
-    def shut(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Context manager: the neurons are shut inside the block and restored after it."""
-        with switching.shut(unet, self):
-            yield unet
+    def shut(self, unet: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:
+        """The paper's word for `applied`: the neurons are shut inside the block and restored after it."""
+        return self.applied(unet)
 
     # -- files ----------------------------------------------------------------------------------------
 
@@ -363,7 +324,7 @@ def union(*concepts: ConceptNeurons) -> ConceptNeurons:
     """The neurons of any of `concepts`, over the merged target shapes."""
     if not concepts:
         raise ValueError("`union` needs at least one concept")
-    shapes = _merged_shapes(concepts)
+    shapes = merged_shapes(concepts)
     indices = {}
     for name in shapes:
         parts = [c.indices[name] for c in concepts if name in c.indices]
@@ -375,55 +336,13 @@ def intersection(*concepts: ConceptNeurons) -> ConceptNeurons:
     """The neurons shared by all of `concepts`, over the merged target shapes."""
     if not concepts:
         raise ValueError("`intersection` needs at least one concept")
-    shapes = _merged_shapes(concepts)
+    shapes = merged_shapes(concepts)
     indices = {}
     for name in shapes:
         if not all(name in c.indices for c in concepts):
             continue
         common = concepts[0].indices[name]
         for c in concepts[1:]:
-            common = _intersect(common, c.indices[name])
+            common = intersect_indices(common, c.indices[name])
         indices[name] = common
     return ConceptNeurons(indices, shapes, **_combined_fields("intersection", concepts))
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """How much two concepts share: counts, and `per_layer` the same per parameter name."""
-
-    shared: int
-    size_a: int
-    size_b: int
-    per_layer: dict[str, Overlap] = field(default_factory=dict)
-
-    @property
-    def jaccard(self) -> float:
-        """|A & B| / |A | B|; 0.0 when both are empty."""
-        union_size = self.size_a + self.size_b - self.shared
-        return self.shared / union_size if union_size else 0.0
-
-    @property
-    def share_of_a(self) -> float:
-        """|A & B| / |A|: the part of A's neurons that B shuts too; 0.0 when A is empty."""
-        return self.shared / self.size_a if self.size_a else 0.0
-
-    @property
-    def share_of_b(self) -> float:
-        """|A & B| / |B|; 0.0 when B is empty."""
-        return self.shared / self.size_b if self.size_b else 0.0
-
-
-def overlap(a: ConceptNeurons, b: ConceptNeurons) -> Overlap:
-    """Overlap statistics of two concepts, in total and per target parameter (merged names)."""
-    shapes = _merged_shapes((a, b))
-    empty = torch.empty(0, dtype=torch.int64)
-    per_layer = {}
-    for name in shapes:
-        ia, ib = a.indices.get(name, empty), b.indices.get(name, empty)
-        per_layer[name] = Overlap(_intersect(ia, ib).numel(), ia.numel(), ib.numel())
-    return Overlap(
-        shared=sum(o.shared for o in per_layer.values()),
-        size_a=a.num_neurons,
-        size_b=b.num_neurons,
-        per_layer=per_layer,
-    )

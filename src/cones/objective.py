@@ -22,21 +22,25 @@ Each `loss(step)` draws its batch (which images, which prompt templates), timest
 step number. A search that resumes at step k therefore sees exactly the noise an uninterrupted search would
 have seen, and two calls of `loss(k)` at the same weights return the same value. Random numbers are drawn
 on the CPU and then moved, so the draw does not depend on the device.
+
+The module is longer than most because one class, `ConceptObjective`, is most of it: encoding the images
+and prompts once, drawing a step's batch, and the per-row loss share its state and are read together. Its
+settings, `ObjectiveConfig`, live in `cones.config` with the search's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import string
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cones.config import ObjectiveConfig
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline, SchedulerMixin
@@ -64,66 +68,6 @@ class Objective(Protocol):
     """
 
     def loss(self, step: int) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Settings of the concept-implanting loss. Each field's `help` is the text a command line shows."""
-
-    subject_templates: tuple[str, ...] = field(
-        default=("a {token} {class_word}", "a photo of a {token} {class_word}"),
-        metadata={
-            "help": "Prompts for the subject images; `{token}` is the identifier, `{class_word}` the class."
-        },
-    )
-    class_templates: tuple[str, ...] = field(
-        default=("a {class_word}", "a photo of a {class_word}"),
-        metadata={"help": "Prompts for the class (prior-preservation) images; `{class_word}` is the class."},
-    )
-    batch_size: int = field(
-        default=2,
-        metadata={"help": "Subject images per step; as many class images are added when there are any."},
-    )
-    prior_weight: float = field(
-        default=1.0,
-        metadata={"help": "λ in L_con = L_sub + λ·L_pr; unused when no class images are given."},
-    )
-    seed: int = field(
-        default=0,
-        metadata={"help": "Seed of the batches, timesteps and noise; the same seed gives the same losses."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(
-                f"`batch_size` must be at least 1, got {self.batch_size}; pass e.g. batch_size=2."
-            )
-        if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
-            raise ValueError(
-                f"`prior_weight` must be a finite number >= 0, got {self.prior_weight}; the paper uses 1.0."
-            )
-        if self.seed < 0:
-            raise ValueError(f"`seed` must be >= 0, got {self.seed}; pass a non-negative integer.")
-        _check_templates(
-            "subject_templates", self.subject_templates, allowed={"token", "class_word"}, needs="token"
-        )
-        _check_templates("class_templates", self.class_templates, allowed={"class_word"}, needs=None)
-
-
-def _check_templates(name: str, templates: tuple[str, ...], allowed: set[str], needs: str | None) -> None:
-    """Raise a one-line ValueError unless every template uses only `allowed` placeholders (and `needs`)."""
-    if isinstance(templates, str) or len(templates) == 0:
-        raise ValueError(f"`{name}` must be a non-empty tuple of prompt templates, got {templates!r}.")
-    for template in templates:
-        keys = {key for _, key, _, _ in string.Formatter().parse(template) if key is not None}
-        if not keys <= allowed:
-            raise ValueError(
-                f"`{name}` template {template!r} uses {sorted(keys - allowed)}; only {sorted(allowed)} are filled in."
-            )
-        if needs is not None and needs not in keys:
-            raise ValueError(
-                f"`{name}` template {template!r} lacks `{{{needs}}}`; e.g. 'a photo of a {{token}} {{class_word}}'."
-            )
 
 
 def _per_image(prompts: Sequence[str], n: int, name: str) -> list[str]:
@@ -387,21 +331,31 @@ class ConceptObjective:
             num_subject=b,
         )
 
+    def row_losses(self, batch: ObjectiveBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The diffusion loss of each row of `batch`, or of the rows `rows` ((r,) int64) only.
+
+        ‖x̂θ(x_t, t, c) − target‖² averaged over each row's latent: (rows,) float32 (float64 for a float64
+        model), differentiable in the UNet's weights.
+        """
+        latents, noise, timesteps, embeds = batch.latents, batch.noise, batch.timesteps, batch.prompt_embeds
+        if rows is not None:
+            idx = rows.to(latents.device)
+            latents, noise, timesteps, embeds = latents[idx], noise[idx], timesteps[idx], embeds[idx]
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)  # (rows, C, h, w)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        pred = self.unet(noisy, timesteps, embeds).sample  # (rows, C, h, w)
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # reduce in float32, or float64 for float64 models
+        return F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").flatten(1).mean(1)  # (rows,)
+
     def loss(self, step: int) -> torch.Tensor:
         """L_sub + λ·L_pr at `step`: a float32 (or float64) scalar, differentiable in the UNet's weights."""
         batch = self.draw(step)
-        noisy = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)  # (rows, C, h, w)
-        if self.prediction_type == "epsilon":
-            target = batch.noise
-        elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-        else:
-            target = batch.latents
-        pred = self.unet(noisy, batch.timesteps, batch.prompt_embeds).sample  # (rows, C, h, w)
-        dtype = torch.promote_types(
-            pred.dtype, torch.float32
-        )  # reduce in float32, or float64 for float64 models
-        per_row = F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").flatten(1).mean(1)  # (rows,)
+        per_row = self.row_losses(batch)  # (rows,)
         loss = per_row[: batch.num_subject].mean()
         if len(per_row) > batch.num_subject:
             loss = loss + self.config.prior_weight * per_row[batch.num_subject :].mean()

@@ -18,7 +18,7 @@ naming what is supported: the concept-implanting objective drives a 4-channel te
 
 Loading never writes to the model's folder or file: cones changes weights only in memory, and every change
 can be undone bit for bit (see `cones.switching`). Precision and memory options (`dtype`,
-`gradient_checkpointing`) are described in `cones.memory`.
+`gradient_checkpointing`) are described in `cones.dtypes` and `cones.memory`.
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def load_pipeline(
         model: a diffusers folder, a single `.safetensors`/`.ckpt` checkpoint, or None for the embedded
             world model.
         device: where the pipeline lives.
-        dtype: the dtype of all weights, or its name (`"fp16"`, `"bf16"`, see `cones.memory.resolve_dtype`);
+        dtype: the dtype of all weights, or its name (`"fp16"`, `"bf16"`, see `cones.dtypes.resolve_dtype`);
             float16 / bfloat16 halve the memory, and the concept-neuron search keeps its own state in
-            float32 whatever this is (see `cones.memory`).
+            float32 whatever this is (see `cones.dtypes`).
         config: for a single checkpoint, a local diffusers folder of the same model variant (tokenizer,
             scheduler and component configs); not used for folders.
         gradient_checkpointing: recompute UNet activations in the backward pass instead of storing them
@@ -129,7 +129,7 @@ def load_pipeline(
         ModelError: a missing path, an unsupported model family, a missing `config`, or a `.ckpt` that
             holds more than tensors.
     """
-    from cones.memory import resolve_dtype
+    from cones.dtypes import resolve_dtype
 
     path, dtype = resolve_model(model), resolve_dtype(dtype)
     with _quiet_loading():

@@ -29,7 +29,7 @@ __all__ = [
     "KINDS",
     "SD",
     "WORLD",
-    "SubjectSlot",
+    "SubjectWords",
     "composition_prompts",
     "prompt_set",
     "unknown_words",
@@ -191,8 +191,9 @@ def prompt_set(kind: str, token: str, class_word: str, family: str = "world") ->
 
 
 @dataclass(frozen=True)
-class SubjectSlot:
-    """One subject of a composition: its kind, identifier and class word ("object", "sks", "circle")."""
+class SubjectWords:
+    """The words that name one subject in a composition prompt: its kind (which templates fit it), identifier
+    and class word ("object", "sks", "circle")."""
 
     kind: str
     token: str
@@ -207,7 +208,7 @@ def _a(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def composition_prompts(subjects: Sequence[SubjectSlot], n: int = 20, seed: int = 0) -> list[str]:
+def composition_prompts(subjects: Sequence[SubjectWords], n: int = 20, seed: int = 0) -> list[str]:
     """`n` world prompts that ask for all `subjects` in one picture; the first is the plainest.
 
     Objects are named in order ("a sks circle next to a pqm star"), an accessory is worn by the first

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
-    from cones.refine import SubjectData
+    from cones.find import SubjectImages
 
 __all__ = [
     "DefaultModel",
@@ -50,7 +50,7 @@ class ExampleSubject(Protocol):
         """The subject's reference pictures (the "3-5 photos")."""
         ...
 
-    def subject_data(self, token: str) -> SubjectData:
+    def subject_data(self, token: str) -> SubjectImages:
         """References, per-image prompts and class prompts, as the multi-subject searches take them."""
         ...
 

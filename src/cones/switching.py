@@ -1,6 +1,7 @@
 """Shutting concept neurons in a live UNet, and restoring them bit for bit.
 
-`apply_concept` zeroes a concept's weights in place; `remove_concept` puts the original values back.
+`apply_concept` zeroes a concept's weights in place; `remove_concept` puts the original values back (they are
+`ConceptNeurons.apply` / `remove`, the `cones.patches` protocol: `with applied(unet, *concepts)`).
 Several concepts may be active at once and removed in any order: at every moment exactly the union of
 the active concepts' neurons is zero and every other weight is bit-identical to the original.
 
@@ -154,15 +155,14 @@ def applied_concepts(unet: torch.nn.Module) -> list[ConceptNeurons]:
     return [concept for concept, _ in registry.active] if registry else []
 
 
-@contextmanager
-def shut(unet: torch.nn.Module, *concepts: ConceptNeurons) -> Iterator[torch.nn.Module]:
-    """Context manager: `concepts` are applied inside the block and removed (in reverse) after it."""
-    applied: list[ConceptNeurons] = []
-    try:
-        for concept in concepts:
-            apply_concept(unet, concept)
-            applied.append(concept)
-        yield unet
-    finally:
-        for concept in reversed(applied):
-            remove_concept(unet, concept)
+def check_nothing_applied(unet: torch.nn.Module, name: str = "unet") -> None:
+    """Raise a one-line ValueError when concepts are applied to `unet` (`name` is the argument it came as).
+
+    The multi-subject searches start from the base model: their class images and losses are its own.
+    """
+    applied = applied_concepts(unet)
+    if applied:
+        raise ValueError(
+            f"`{name}` has {len(applied)} concept(s) applied ({applied[0]!r}); the multi-concept search "
+            "starts from the base model: `unload_concept(pipe)` or remove them first."
+        )

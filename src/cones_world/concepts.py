@@ -19,8 +19,8 @@ from PIL import Image
 
 from cones import GUIDANCE_SCALE
 from cones.evaluate import ClipScorer, roc_auc
+from cones.find import SubjectImages
 from cones.images import to_tensor
-from cones.refine import SubjectData
 from cones_world.subjects import Subject  # or world v2's: the same interface
 
 
@@ -62,10 +62,10 @@ def find_subject_concept(pipe, subject: Subject, config=None, token: str = "sks"
                         cache_dir=cache_dir, disable=disable)
 
 
-def subject_data(subject: Subject, token: str) -> SubjectData:
+def subject_data(subject: Subject, token: str) -> SubjectImages:
     """A world subject as the multi-subject searches take it: references, prompts and class prompts."""
     images, _, _ = references(subject)
-    return SubjectData(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
+    return SubjectImages(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
                        class_prompts=subject.prior_prompts())
 
 
@@ -175,7 +175,7 @@ def _fit_detector(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae)
 def detector_key(scorer: ClipScorer, subject: Subject, n: int, n_fit: int, vae) -> str:
     """A digest of everything a detector depends on: the CLIP's and the VAE's weights, the image
     normalisation, the sizes, and the subject's renders (so a change to the renderer or the subject shows)."""
-    from cones_world.train import weights_fingerprint
+    from cones.fingerprint import weights_fingerprint
 
     weights = [weights_fingerprint(scorer.model), weights_fingerprint(vae) if vae is not None else None]
     settings = [subject.name, n, n_fit, list(scorer.mean), list(scorer.std), weights]
@@ -266,7 +266,7 @@ class WorldExample:
     def reference_images(self) -> list[Image.Image]:
         return references(self.subject)[1]
 
-    def subject_data(self, token: str) -> SubjectData:
+    def subject_data(self, token: str) -> SubjectImages:
         return subject_data(self.subject, token)
 
 

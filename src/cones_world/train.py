@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from cones import files
+from cones.fingerprint import weights_fingerprint  # the one fingerprint; its hash keys the caches
 from cones_world import models
 from cones_world.render import render
 from cones_world.scene import caption, caption_words, detailed_caption, detailed_words
@@ -389,15 +389,6 @@ def train_vae(cfg: TrainConfig, images: torch.Tensor):
         sample = vae.encode(to_pixels(images[: min(2048, len(images))])).latent_dist.mean.float()
     vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
     return vae, phase.log
-
-
-def weights_fingerprint(module) -> str:
-    """A short hash of a module's weights: what the cached latents, decoded images and detectors were made
-    with."""
-    digest = hashlib.sha1()
-    for p in module.state_dict().values():
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def cached(path: str, compute) -> torch.Tensor:

@@ -7,25 +7,17 @@
         images = generate(pipe, ["a sks dog on the beach"])
     save(weights, "dog-cd.safetensors")                              # Table 2: the file's bytes
 
-Each module has `train(pipe, objectives, steps=, lr=, ...) -> BaselineWeights`; `apply` / `remove` /
-`applied`, `save` / `load` are shared (`cones.baselines.common`). `custom_diffusion.merge` composes
-separately trained subjects without training (Custom Diffusion's constrained optimisation).
+Each module has `train(pipe, objectives, steps=, lr=, ...) -> BaselineWeights`, one loop for all three
+(`cones.baselines.fit`, with the trainable identifier rows of `cones.baselines.tokens`). `BaselineWeights`
+(`cones.baselines.weights`) is a `cones.patches.Patch` of a pipeline: `weights.apply(pipe)` / `remove(pipe)`,
+or `applied(pipe, weights)`; `save` / `load` write and read it. `custom_diffusion.merge` composes separately
+trained subjects without training (Custom Diffusion's constrained optimisation).
 """
 
 from cones.baselines import custom_diffusion, dreambooth, textual_inversion
-from cones.baselines.common import (
-    METHODS,
-    BaselineWeights,
-    JointObjective,
-    TokenEmbeddings,
-    TokenObjective,
-    applied,
-    applied_weights,
-    apply,
-    load,
-    remove,
-    save,
-)
+from cones.baselines.tokens import JointObjective, TokenEmbeddings, TokenObjective
+from cones.baselines.weights import METHODS, BaselineWeights, applied_weights, load, save
+from cones.patches import applied
 
 TRAIN = {
     "dreambooth": dreambooth.train,
@@ -42,11 +34,9 @@ __all__ = [
     "TokenObjective",
     "applied",
     "applied_weights",
-    "apply",
     "custom_diffusion",
     "dreambooth",
     "load",
-    "remove",
     "save",
     "textual_inversion",
 ]

@@ -26,23 +26,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cones.baselines.common import (
-    BaselineWeights,
-    TokenEmbeddings,
-    _as_list,
-    applied,
-    apply,
-    fit,
-    load,
-    remove,
-    save,
-    token_id,
-)
+from cones.baselines.fit import as_objectives, fit
+from cones.baselines.tokens import TokenEmbeddings, token_id
+from cones.baselines.weights import BaselineWeights, load, save
 from cones.objective import ConceptObjective
+from cones.patches import applied
 from cones.search import SearchProgress
 from cones.targets import target_parameters
 
-__all__ = ["PAPER", "apply", "applied", "constrained_merge", "load", "merge", "remove", "save", "train"]
+__all__ = ["PAPER", "applied", "constrained_merge", "load", "merge", "save", "train"]
 
 METHOD = "custom_diffusion"
 PAPER = {"steps": 600, "lr": 4e-5, "batch_size": 4}  # appendix B.3, effective learning rate
@@ -65,7 +57,7 @@ def train(
     `steps` counts all subjects together (they take turns): pass n · S for n subjects. `token_lr`
     defaults to `lr`, as in Custom Diffusion, which trains both with one optimizer.
     """
-    objectives = _as_list(objectives)
+    objectives = as_objectives(objectives)
     table = pipe.text_encoder.get_input_embeddings().weight
     init = {o.token: table[token_id(pipe.tokenizer, o.token)] for o in objectives}
     return fit(

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from cones.baselines.common import BaselineWeights, applied, apply, fit, load, remove, save
+from cones.baselines.fit import fit
+from cones.baselines.weights import BaselineWeights, load, save
 from cones.objective import ConceptObjective
+from cones.patches import applied
 from cones.search import SearchProgress
 
-__all__ = ["PAPER", "apply", "applied", "load", "remove", "save", "train"]
+__all__ = ["PAPER", "applied", "load", "save", "train"]
 
 METHOD = "dreambooth"
 PAPER = {"steps": 800, "lr": 5e-6, "batch_size": 1}  # appendix B.2, on Stable Diffusion 1.4

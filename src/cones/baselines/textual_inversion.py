@@ -15,21 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from cones.baselines.common import (
-    BaselineWeights,
-    _as_list,
-    applied,
-    apply,
-    fit,
-    load,
-    remove,
-    save,
-    token_id,
-)
+from cones.baselines.fit import as_objectives, fit
+from cones.baselines.tokens import token_id
+from cones.baselines.weights import BaselineWeights, load, save
 from cones.objective import ConceptObjective
+from cones.patches import applied
 from cones.search import SearchProgress
 
-__all__ = ["PAPER", "apply", "applied", "load", "remove", "save", "train"]
+__all__ = ["PAPER", "applied", "load", "save", "train"]
 
 METHOD = "textual_inversion"
 PAPER = {"steps": 5000, "lr": 2e-2, "batch_size": 4}  # appendix B.1, effective learning rate
@@ -51,7 +44,7 @@ def train(
     The class word must be a single token of the tokenizer (else pass a one-word approximation, as the
     paper does: "pot" for "wooden pot").
     """
-    objectives = _as_list(objectives)
+    objectives = as_objectives(objectives)
     table = pipe.text_encoder.get_input_embeddings().weight
     init = {o.token: table[token_id(pipe.tokenizer, o.class_word, name="class_word")] for o in objectives}
     return fit(

@@ -152,7 +152,7 @@ def _per_reference(values: list, n: int, flag: str) -> list:
 
 def _prompts(args, subjects: list, tokens: list, class_words: list) -> list[str]:
     from cones.cli import UsageError
-    from cones.prompts import SubjectSlot, composition_prompts, prompt_set
+    from cones.prompts import SubjectWords, composition_prompts, prompt_set
 
     given = [bool(args.prompt), args.prompts_file is not None, args.prompt_set is not None]
     if sum(given) != 1:
@@ -177,7 +177,7 @@ def _prompts(args, subjects: list, tokens: list, class_words: list) -> list[str]
                 "`--prompt-set sd` is for one subject; for several, write the prompts (--prompts-file)."
             )
         return prompt_set(kinds[0], tokens[0], class_words[0], family="sd")
-    slots = [SubjectSlot(k, t, c) for k, t, c in zip(kinds, tokens, class_words, strict=True)]
+    slots = [SubjectWords(k, t, c) for k, t, c in zip(kinds, tokens, class_words, strict=True)]
     return composition_prompts(slots)
 
 
@@ -306,9 +306,7 @@ def _generate(args, prompts: list[str], seeds: list[int], concepts: list, weight
         for concept in concepts:
             load_concept(pipe, concept)
     if weights is not None:
-        from cones.baselines import apply
-
-        apply(pipe, weights)
+        weights.apply(pipe)
     rows = generate(pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

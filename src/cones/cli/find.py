@@ -63,7 +63,7 @@ def run(args) -> int:
     from cones.cli import UsageError
     from cones.cli._options import reported_warnings
     from cones.find import FindConfig, find_concept
-    from cones.images import list_images, load_images, model_resolution
+    from cones.images import list_images, load_pictures, model_resolution
     from cones.pipeline import load_pipeline, resolve_model
     from cones.registry import default_model
     from cones.search import check_checkpoint
@@ -91,8 +91,8 @@ def run(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     size = model_resolution(pipe)
-    images, _ = load_images(paths, size)
-    class_pictures = load_images(class_paths, size)[1] if class_paths else None
+    images = load_pictures(paths, size)
+    class_pictures = load_pictures(class_paths, size) if class_paths else None
     tokens = pipe.tokenizer.tokenize(args.token)
     if len(tokens) != 1 or pipe.tokenizer.convert_tokens_to_ids(tokens[0]) == pipe.tokenizer.unk_token_id:
         raise UsageError(

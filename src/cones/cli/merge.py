@@ -35,12 +35,12 @@ def add_arguments(p) -> None:
 
 def overlap_summary(concepts, names: list[str]) -> list[dict]:
     """Pairwise shared neurons of the concepts, for the summary and the plot."""
-    from cones.refine import overlap_report
+    from cones.overlap import overlap
 
     pairs = []
     for i in range(len(concepts)):
         for j in range(i + 1, len(concepts)):
-            report = overlap_report(concepts[i], concepts[j])
+            report = overlap(concepts[i], concepts[j])
             pairs.append(
                 {
                     "a": names[i],

@@ -36,6 +36,8 @@ def _help(cls, name: str, extra: str = "") -> str:
 
 def add_arguments(p) -> None:
     from cones.find import FindConfig
+    from cones.refine import REFINE_STEPS
+    from cones.search import METHODS
 
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="the .cones files to refine together")
     p.add_argument(
@@ -61,14 +63,11 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
-        "--steps", type=int, default=100, help="K, gradient steps of the refinement (default: 100)"
+        "--steps", type=int, default=REFINE_STEPS, help="K, gradient steps of the refinement (default: %(default)s)"
     )
     p.add_argument("--lr", type=float, default=_default(FindConfig, "lr"), help=_help(FindConfig, "lr"))
     p.add_argument(
-        "--method",
-        choices=("a2", "alg1"),
-        default="a2",
-        help="a2 (Algorithm A2) or alg1 (Algorithm 1) (default: a2)",
+        "--method", choices=sorted(METHODS), default=_default(FindConfig, "method"), help=_help(FindConfig, "method")
     )
     select = p.add_mutually_exclusive_group()
     select.add_argument(
@@ -93,7 +92,8 @@ def add_arguments(p) -> None:
         )
     p.add_argument("--cache-dir", default=None, help="cache generated class images here (default: no cache)")
     p.add_argument("--joint", default=None, metavar="PATH", help="also search from scratch and write it here")
-    p.add_argument("--joint-steps", type=int, default=300, help="steps of the --joint search (default: 300)")
+    p.add_argument("--joint-steps", type=int, default=_default(FindConfig, "steps"),
+                   help="steps of the --joint search (default: %(default)s)")
     p.add_argument(
         "--plot", default=None, help="draw per-layer overlaps (concepts, refined, joint) into this PNG"
     )
@@ -106,7 +106,7 @@ def add_arguments(p) -> None:
 
 
 def _subjects(parts: list[dict], sources: list[tuple[str, str]]) -> list:
-    """Check one source per part and turn each into a `SubjectData` (images not yet loaded: a loader)."""
+    """Check one source per part and turn each into a `SubjectImages` (images not yet loaded: a loader)."""
     from cones.images import list_images
 
     if len(sources) != len(parts):
@@ -143,14 +143,13 @@ def _subjects(parts: list[dict], sources: list[tuple[str, str]]) -> list:
 
 
 def _subject_data(pipe, plan):
-    from cones.images import load_images, model_resolution
-    from cones.refine import SubjectData
+    from cones.find import SubjectImages
+    from cones.images import load_pictures, model_resolution
 
     kind, source, part = plan
     token, class_word = part["token"], part["class_word"]
     if kind == "images":
-        images, _ = load_images(source, model_resolution(pipe))
-        return SubjectData(images, token, class_word)
+        return SubjectImages(load_pictures(source, model_resolution(pipe)), token, class_word)
     return source.subject_data(token)
 
 
@@ -162,16 +161,10 @@ def _mean_loss(losses: list[float], first: bool) -> float:
 
 
 def run(args) -> int:
-    from cones.find import FindConfig
+    from cones.find import FindConfig, multi_objective
+    from cones.overlap import overlap
     from cones.pipeline import load_pipeline
-    from cones.refine import (
-        concatenate,
-        joint_search,
-        multi_objective,
-        overlap_report,
-        parts_of,
-        refine_concepts,
-    )
+    from cones.refine import concatenate, joint_search, parts_of, refine_concepts
     from cones.storage import load_concept_file, save_concept
 
     # 1. Check everything that can be checked before the model loads.
@@ -239,14 +232,14 @@ def run(args) -> int:
 
     # 4. Overlaps, plot and summary.
     compared = {"refined": refined.concept} | ({"joint": joint.concept} if joint else {})
-    reports = {name: overlap_report(union, concept) for name, concept in compared.items()}
+    reports = {name: overlap(union, concept) for name, concept in compared.items()}
     if args.plot:
         from cones.generate import save_atomic
         from cones.plots import bar_chart, layer_label
 
         series = {}
         if len(concepts) >= 2:  # two single concepts: how disentangled they are (paper figure 4a)
-            pair = {layer.name: layer.jaccard for layer in overlap_report(concepts[0], concepts[1]).layers}
+            pair = {layer.name: layer.jaccard for layer in overlap(concepts[0], concepts[1]).layers}
             first, second = (parts_of(c)[0]["token"] for c in concepts[:2])
             series[f"{first} & {second} / union"] = [
                 pair.get(layer.name, 0.0) for layer in reports["refined"].layers

@@ -1,25 +1,18 @@
-"""Tuning the values of concept neurons at float32, float16, quaternary or binary precision (paper sec. 3.2, fig. 3).
+"""Tuned values of concept neurons: the `TunedConcept` patch, its value codecs and its `.cones-values` file.
 
-Binary is Cones itself: the concept neurons are shut (set to 0), nothing is tuned, and a `.cones` file of
-indices is all there is to store. The other precisions optimise the concept-implanting loss over the values
-of the concept neurons only (every other weight frozen) and store the values next to the indices:
+Binary precision is Cones itself: the concept neurons are shut (set to 0), nothing is tuned, and a `.cones`
+file of indices is all there is to store. The other precisions (paper sec. 3.2, fig. 3) store a value per
+neuron next to the indices:
 
 - `"float32"`, `"float16"`: a free value per neuron, stored in that dtype;
 - `"quaternary"`: a value in {0, 1/3, 2/3, 1} · θ0 per neuron (θ0 the base model's weight there), i.e. a
   2-bit code c with value c/3 · θ0; nothing but the codes is stored (no codebook), since θ0 is in the
   base model.
 
-How they are tuned: each neuron's value is written θ = ξ · θ0, as in the search's Algorithm A2, and Adam
-descends ξ (so each weight moves at a rate proportional to its own size). ξ starts at 0, the binary solution,
-unless `init="original"`. In the forward pass the value is rounded to the precision (float16 rounding; the
-nearest quaternary level of clamp(ξ, 0, 1)), and the gradient passes the rounding unchanged (the
-straight-through estimator); for quaternary ξ is kept in [0, 1] after each step. The search's conventions
-hold: weights are written in place, gradients are taken with `torch.autograd.grad`, and the UNet's weights and
-`requires_grad` flags are put back bit for bit when tuning ends, also when it fails.
-
-Using tuned values: `TunedConcept.apply(unet)` writes them into the UNet and `remove(unet)` restores the
-original weights bit for bit (`with tuned.applied(unet): ...` does both). One tuned concept at a time per UNet,
-and not together with shut concepts (`cones.switching`): to combine subjects, tune their union.
+Using tuned values: `TunedConcept` is a `cones.patches.Patch` of a UNet: `apply(unet)` writes the values in
+and `remove(unet)` restores the original weights bit for bit (`with tuned.applied(unet): ...` does both).
+One tuned concept at a time per UNet, and not together with shut concepts (`cones.switching`): to combine
+subjects, tune their union.
 
 The values file (`.cones-values`, a plain safetensors file next to the concept's `.cones` file, which it
 leaves untouched, so `cones.storage.load_concept_file` reads the indices as always): one 1-D tensor per
@@ -31,7 +24,8 @@ key, `"cones_values"`, holding this JSON object:
     format          "cones-values"
     format_version  1
     precision       "float32", "float16" or "quaternary"
-    concept         the sha256 fingerprint of the concept's parameters, shapes and indices (`fingerprint`)
+    concept         the sha256 fingerprint of the concept's parameters, shapes and indices
+                    (`cones.fingerprint.concept_fingerprint`)
     counts          {name: number of neurons} for the parameters with neurons
     metadata        free JSON object (tuning settings, by convention under "tune")
 
@@ -40,36 +34,33 @@ key, `"cones_values"`, holding this JSON object:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 import torch
-from tqdm.auto import tqdm
 
 from cones import files, switching
 from cones.errors import InputError
+from cones.fingerprint import concept_fingerprint
 from cones.neurons import ConceptNeurons
-from cones.objective import Objective
+from cones.patches import Patch
 
 __all__ = [
     "PRECISIONS",
-    "TuneResult",
     "TunedConcept",
     "ValuesFileError",
-    "fingerprint",
+    "check_precision",
     "load_values",
     "pack_codes",
+    "quaternary_codes",
     "quaternary_values",
+    "read_values_file_header",
     "read_values_header",
-    "tune_values",
     "unpack_codes",
     "values_bytes",
 ]
@@ -79,8 +70,6 @@ LEVELS = 4  # quaternary: codes 0..3, value code / 3 · θ0
 FORMAT = "cones-values"
 FORMAT_VERSION = 1
 METADATA_KEY = "cones_values"
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 _REGISTRY_ATTR = "_cones_tuned"
 _DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "quaternary": ("U8", np.uint8)}
 
@@ -94,12 +83,13 @@ class ValuesFileError(InputError):
     """A `.cones-values` file is damaged, of another format version, or belongs to another concept."""
 
 
-def _check_precision(precision: str) -> None:
+def check_precision(precision: str) -> None:
+    """Raise a one-line ValueError unless `precision` is one of `PRECISIONS`."""
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` {precision!r} is not supported; use one of {list(PRECISIONS)}")
 
 
-# -- pure tensor helpers --------------------------------------------------------------------------------
+# -- the value codecs -----------------------------------------------------------------------------------
 
 
 def quaternary_values(codes: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
@@ -107,7 +97,7 @@ def quaternary_values(codes: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor
     return codes.to(theta0.dtype) / (LEVELS - 1) * theta0
 
 
-def _codes(xi: torch.Tensor) -> torch.Tensor:
+def quaternary_codes(xi: torch.Tensor) -> torch.Tensor:
     """ξ (n,) -> the nearest quaternary code of clamp(ξ, 0, 1), as uint8 (n,)."""
     return torch.round(xi.clamp(0, 1) * (LEVELS - 1)).to(torch.uint8)
 
@@ -136,26 +126,17 @@ def unpack_codes(packed: np.ndarray, count: int) -> torch.Tensor:
 
 def values_bytes(precision: str, count: int) -> int:
     """Bytes of the stored values of `count` neurons: 4 or 2 per neuron, 2 bits per neuron, or none."""
-    _check_precision(precision)
+    check_precision(precision)
     return {"float32": 4 * count, "float16": 2 * count, "quaternary": math.ceil(count / 4), "binary": 0}[
         precision
     ]
 
 
-def fingerprint(concept: ConceptNeurons) -> str:
-    """sha256 (hex) of the concept's parameter names, shapes and indices, in order: ties values to it."""
-    digest = hashlib.sha256()
-    for name, shape in concept.shapes.items():
-        digest.update(json.dumps([name, list(shape), concept.indices[name].numel()]).encode())
-        digest.update(concept.indices[name].numpy().astype("<i8").tobytes())
-    return digest.hexdigest()
-
-
-# -- the tuned concept ----------------------------------------------------------------------------------
+# -- the tuned concept and its file -------------------------------------------------------------------
 
 
 @dataclass(eq=False)
-class TunedConcept:
+class TunedConcept(Patch):
     """A concept with tuned values for its neurons (or, for `"binary"`, none: shut).
 
     `values[name]` is aligned with `concept.indices[name]`: float32 / float16 values of the weights there,
@@ -168,7 +149,7 @@ class TunedConcept:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_precision(self.precision)
+        check_precision(self.precision)
         expected = {name for name, idx in self.concept.indices.items() if idx.numel()}
         if self.precision == "binary":
             if self.values:
@@ -252,15 +233,6 @@ class TunedConcept:
                 flat.index_copy_(0, self.concept.indices[name].to(flat.device), original)
         del unet.__dict__[_REGISTRY_ATTR]
 
-    @contextmanager
-    def applied(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Context manager: the tuned values are in `unet` inside the block, the original weights after."""
-        self.apply(unet)
-        try:
-            yield unet
-        finally:
-            self.remove(unet)
-
     # -- files --------------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
@@ -274,7 +246,7 @@ class TunedConcept:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "precision": self.precision,
-            "concept": fingerprint(self.concept),
+            "concept": concept_fingerprint(self.concept),
             "counts": {name: int(v.numel()) for name, v in self.values.items()},
             "metadata": self.metadata,
         }
@@ -351,7 +323,7 @@ def load_values(path: str | os.PathLike[str], concept: ConceptNeurons) -> TunedC
 
 def _parse(data: bytes, concept: ConceptNeurons) -> TunedConcept:
     info = read_values_header(data)
-    if info["concept"] != fingerprint(concept):
+    if info["concept"] != concept_fingerprint(concept):
         raise ValuesFileError(
             "it holds values for another concept (fingerprint mismatch); pass the .cones file it was tuned for"
         )
@@ -379,130 +351,3 @@ def _parse(data: bytes, concept: ConceptNeurons) -> TunedConcept:
         return TunedConcept(concept, precision, values, metadata=info["metadata"])
     except ValueError as e:
         raise ValuesFileError(str(e)) from None
-
-
-# -- tuning ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TuneResult:
-    """What `tune_values` returns: the tuned concept and L_con at each step (before that step's update)."""
-
-    tuned: TunedConcept
-    losses: list[float]
-
-
-def _forward_values(precision: str, xi: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
-    """The value the forward pass uses for scale ξ and original weights θ0 (both (n,), float32)."""
-    if precision == "float32":
-        return xi * theta0
-    if precision == "float16":
-        return (xi * theta0).to(torch.float16).to(theta0.dtype)
-    return quaternary_values(_codes(xi), theta0)
-
-
-def tune_values(
-    objective: Objective,
-    unet: torch.nn.Module,
-    concept: ConceptNeurons,
-    *,
-    precision: str = "float16",
-    steps: int = 100,
-    lr: float = 0.01,
-    init: str = "shut",
-    callback: Callable[[int, float], None] | None = None,
-    disable: bool = False,
-) -> TuneResult:
-    """Optimise the concept-implanting loss over the values of `concept`'s neurons, at `precision`.
-
-    Args:
-        objective: gives `loss(step)`, a scalar computed with `unet` (e.g. a `ConceptObjective`).
-        unet: the model; changed during tuning, restored bit for bit after (and on failure).
-        concept: whose neurons are tuned; every other weight stays frozen.
-        precision: "float32", "float16", "quaternary" or "binary" (no tuning: returns the shut concept).
-        steps: Adam steps on ξ (the values are ξ · θ0).
-        lr: Adam's rate on ξ; ξ is a fraction of each original weight, so 0.01 moves weights ~1% a step.
-        init: "shut" (ξ = 0, start from the binary solution) or "original" (ξ = 1, the base model).
-        callback: called with (step, loss) after every step.
-        disable: hide the progress bar.
-    Returns:
-        A `TuneResult` with the `TunedConcept` and the loss at each step.
-    """
-    _check_precision(precision)
-    if init not in ("shut", "original"):
-        raise ValueError(f"`init` must be 'shut' or 'original', got {init!r}")
-    if steps < 0:
-        raise ValueError(f"`steps` must be >= 0, got {steps}; e.g. 100")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"`lr` must be a finite number > 0, got {lr}; e.g. 0.01")
-    settings = {"precision": precision, "steps": steps, "lr": lr, "init": init, "optimizer": "adam"}
-    if precision == "binary":
-        return TuneResult(TunedConcept(concept, "binary", metadata={"tune": {**settings, "steps": 0}}), [])
-
-    # 1. The neurons, their original weights θ0 and the state: ξ and Adam's moments, float32 (n,) each.
-    params = concept.parameters_in(unet)
-    names = [name for name, idx in concept.indices.items() if idx.numel()]
-    if not names:
-        raise ValueError("`concept` has no neurons; there is nothing to tune")
-    index = {name: concept.indices[name].to(params[name].device) for name in names}
-    originals = {name: params[name].detach().view(-1).index_select(0, index[name]).clone() for name in names}
-    theta0 = {name: originals[name].float() for name in names}
-    xi = {name: torch.full_like(theta0[name], 0.0 if init == "shut" else 1.0) for name in names}
-    m = {name: torch.zeros_like(theta0[name]) for name in names}
-    v = {name: torch.zeros_like(theta0[name]) for name in names}
-    beta1, beta2 = ADAM_BETAS
-
-    # 2. Freeze everything but the parameters holding neurons; the `finally` restores weights and flags.
-    flags = {p: p.requires_grad for p in unet.parameters()}
-    losses: list[float] = []
-    progress = tqdm(total=steps, disable=disable, desc=f"tuning values ({precision})", unit="step")
-    try:
-        for p in unet.parameters():
-            p.requires_grad_(False)
-        for name in names:
-            params[name].requires_grad_(True)
-        for k in range(steps):
-            # 2a. This step's values at the neurons.
-            with torch.no_grad():
-                for name in names:
-                    flat = params[name].detach().view(-1)
-                    flat.index_copy_(
-                        0, index[name], _forward_values(precision, xi[name], theta0[name]).to(flat.dtype)
-                    )
-
-            # 2b. The loss and its gradient; ∂L/∂ξ = θ0 · ∂L/∂θ at the neurons (straight through the rounding).
-            loss = objective.loss(k)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {k}: the loss is not finite; tune in float32 or with a smaller `lr`"
-                )
-            grads = torch.autograd.grad(loss, [params[name] for name in names])
-            for name, g in zip(names, grads, strict=True):
-                g_xi = g.detach().view(-1).index_select(0, index[name]).float() * theta0[name]  # (n,)
-                # 2c. Adam on ξ.
-                m[name].mul_(beta1).add_(g_xi, alpha=1 - beta1)
-                v[name].mul_(beta2).addcmul_(g_xi, g_xi, value=1 - beta2)
-                denom = (v[name].sqrt() / math.sqrt(1 - beta2 ** (k + 1))).add_(ADAM_EPS)
-                xi[name].addcdiv_(m[name], denom, value=-lr / (1 - beta1 ** (k + 1)))
-                if precision == "quaternary":
-                    xi[name].clamp_(0, 1)
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4g}")
-            if callback is not None:
-                callback(k, losses[-1])
-    finally:
-        progress.close()
-        with torch.no_grad():
-            for name in names:
-                params[name].detach().view(-1).index_copy_(0, index[name], originals[name])
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-
-    # 3. The stored values.
-    if precision == "quaternary":
-        values = {name: _codes(xi[name]).cpu() for name in names}
-    else:
-        dtype = torch.float32 if precision == "float32" else torch.float16
-        values = {name: (xi[name] * theta0[name]).to(dtype).cpu() for name in names}
-    return TuneResult(TunedConcept(concept, precision, values, metadata={"tune": settings}), losses)
