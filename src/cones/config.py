@@ -6,17 +6,25 @@ the settings of the concept-implanting loss (`cones.objective`), which `find_con
 lower layers take their defaults from it: `cones.search.find_concept_neurons` (steps, rate, method, targets),
 the multi-subject searches of `cones.refine`, `cones.folders.find_each` over a folder of subjects. `method` is the
 user-facing name of a search strategy ("a2", "alg1"; `cones.search.methods`).
+
+A model can carry its own defaults: a `cones.json` in its diffusers folder, `{"find": {"sparsity": 0.05}}`,
+read by `model_find_defaults` and applied by `FindConfig.for_model`, so that a user who passes nothing gets
+the settings that work on that model (the sparsity a small model needs is not SD 1.4's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import string
 from dataclasses import dataclass, field
 
 from cones import GUIDANCE_SCALE
 
-__all__ = ["DEFAULTS", "FindConfig", "ObjectiveConfig"]
+__all__ = ["DEFAULTS", "MODEL_DEFAULTS_FILE", "FindConfig", "ObjectiveConfig", "model_find_defaults"]
+
+MODEL_DEFAULTS_FILE = "cones.json"  # in a model's diffusers folder
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,36 @@ class FindConfig:
         default=("a {token} {class_word}",), metadata={"help": "subject prompt templates"}
     )
 
+    @classmethod
+    def for_model(cls, model_path: str | os.PathLike[str] | None, **overrides) -> FindConfig:
+        """The defaults, then those the model at `model_path` carries (`model_find_defaults`), then
+        `overrides`."""
+        values = model_find_defaults(model_path) if model_path is not None else {}
+        return cls(**{**values, **overrides})
+
 
 DEFAULTS = FindConfig()
+
+
+def model_find_defaults(model_path: str | os.PathLike[str]) -> dict:
+    """The search defaults a model folder carries in its `cones.json` (`{"find": {...}}`), checked against
+    `FindConfig`'s fields; an empty dict for a model without one (or a single-file checkpoint)."""
+    from cones.errors import InputError
+    from cones.files import loads_json, read_file
+
+    path = os.path.join(os.fspath(model_path), MODEL_DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    value = loads_json(read_file(path, max_bytes=1 << 16, what="a model's cones.json"), path)
+    find = value.get("find", {}) if isinstance(value, dict) else None
+    names = {f.name for f in dataclasses.fields(FindConfig)}
+    if not isinstance(find, dict) or not set(find) <= names:
+        unknown = sorted(set(find) - names) if isinstance(find, dict) else find
+        raise InputError(
+            f"{path!r} sets {unknown!r}, which are not search settings; its \"find\" object may hold only "
+            f"{sorted(names)}."
+        )
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in find.items()}
 
 
 @dataclass(frozen=True)

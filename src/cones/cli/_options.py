@@ -10,8 +10,11 @@ import typing
 import warnings
 
 
-def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per field of `config_cls`, with its metadata help and default shown."""
+def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), model_defaults: bool = False) -> None:
+    """One `--flag` per field of `config_cls`, with its metadata help and default shown.
+
+    With `model_defaults`, a flag not given parses as None and the help says that the model may set its
+    own default (`FindConfig.for_model`); `config_from_args(..., base=...)` then fills it in."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         if f.name in skip:
@@ -20,19 +23,24 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = ()) -> None
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        shown = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+        help_text = f.metadata.get("help", "") + f" (default: {shown}" + (", or the model's" if model_defaults else "") + ")"
+        default = None if model_defaults else (list(f.default) if isinstance(f.default, tuple) else f.default)
         if typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, nargs="+", default=list(f.default), help=help_text)
+            parser.add_argument(flag, nargs="+", default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
-def config_from_args(config_cls, args, **overrides):
-    """Build `config_cls` from parsed flags (fields missing from `args` keep their defaults)."""
-    values = {}
+def config_from_args(config_cls, args, base=None, **overrides):
+    """Build `config_cls` from parsed flags: fields missing from `args` (or None there, when `base` is
+    given) keep `base`'s values (or the class defaults)."""
+    values = dataclasses.asdict(base) if base is not None else {}
     for f in dataclasses.fields(config_cls):
         if hasattr(args, f.name):
             value = getattr(args, f.name)
+            if value is None and base is not None:
+                continue
             values[f.name] = tuple(value) if isinstance(value, list) else value
     values.update(overrides)
     return config_cls(**values)
