@@ -250,6 +250,7 @@ BENCHMARKS = (
     Benchmark("world-v2", "bench_world_v2.py",
               "python benchmarks/bench_world_v2.py --model M/sd --clip M/clip", None,
               see="[world.md](world.md#world-v2-under-construction)"),
+    Benchmark("cli-start", "bench_cli_start.py", "python benchmarks/bench_cli_start.py", None),
     Benchmark("outside", "bench_outside.py",
               "python benchmarks/bench_outside.py --model M/sd --clip M/clip", None,
               see="[world.md](world.md#world-v2-under-construction)"),

@@ -39,3 +39,10 @@ def test_flags_override_the_models_defaults_and_the_rest_stay(tmp_path):
     assert (given.steps, given.sparsity, given.lr) == (50, 0.05, FindConfig().lr)
     assert config_from_args(FindConfig, parser.parse_args([]), base=base) == base
     assert "or the model's" in parser.format_help()
+
+
+def test_the_method_names_the_command_line_offers_are_the_strategies():
+    from cones.config import METHOD_NAMES
+    from cones.search import METHODS
+
+    assert set(METHOD_NAMES) == set(METHODS)

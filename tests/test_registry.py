@@ -80,3 +80,18 @@ def test_no_default_model_is_one_clear_line(monkeypatch):
 def test_the_world_adds_its_subcommands():
     names = {module.NAME for module in registry.command_modules()}
     assert {"demo", "train-world"} <= names
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    """`cones --help` must answer at once: every subcommand imports the heavy libraries only in `run`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom cones.cli import build_parser\nparser = build_parser()\n"
+        "for action in parser._subparsers._group_actions:\n"
+        "    for sub in action.choices.values(): sub.format_help()\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from cones import GUIDANCE_SCALE
 
-__all__ = ["DEFAULTS", "MODEL_DEFAULTS_FILE", "FindConfig", "ObjectiveConfig", "model_find_defaults"]
+__all__ = ["DEFAULTS", "METHOD_NAMES", "MODEL_DEFAULTS_FILE", "REFINE_STEPS", "FindConfig", "ObjectiveConfig", "model_find_defaults"]
 
 MODEL_DEFAULTS_FILE = "cones.json"  # in a model's diffusers folder
 
@@ -64,6 +64,8 @@ class FindConfig:
 
 
 DEFAULTS = FindConfig()
+METHOD_NAMES = ("a2", "alg1")  # the search strategies' user-facing names (`cones.search.methods.METHODS`)
+REFINE_STEPS = 100  # the refinement starts from concepts already found, so it needs fewer steps than a search
 
 
 def model_find_defaults(model_path: str | os.PathLike[str]) -> dict:

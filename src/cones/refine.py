@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from cones import switching
-from cones.config import DEFAULTS
+from cones.config import DEFAULTS, REFINE_STEPS
 from cones.neurons import ConceptNeurons, shared_identity, union
 from cones.objective import Objective
 from cones.overlap import overlap
@@ -46,7 +46,6 @@ __all__ = [
     "sequential_search",
 ]
 
-REFINE_STEPS = 100  # the refinement starts from concepts already found, so it needs fewer steps than a search
 
 # `metadata["combined"]` values whose `metadata["parts"]` list the subjects a concept holds
 _MULTI_SUBJECT = ("union", "concatenation", "refinement", "joint")

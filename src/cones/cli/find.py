@@ -22,7 +22,7 @@ HELP = "search the concept neurons of a subject shown in a folder of images"
 
 
 def add_arguments(p) -> None:
-    from cones.find import FindConfig
+    from cones.config import FindConfig
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder with 3-5 photos of the subject")

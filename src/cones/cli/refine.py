@@ -35,9 +35,7 @@ def _help(cls, name: str, extra: str = "") -> str:
 
 
 def add_arguments(p) -> None:
-    from cones.find import FindConfig
-    from cones.refine import REFINE_STEPS
-    from cones.search import METHODS
+    from cones.config import METHOD_NAMES, REFINE_STEPS, FindConfig
 
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="the .cones files to refine together")
     p.add_argument(
@@ -67,7 +65,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--lr", type=float, default=_default(FindConfig, "lr"), help=_help(FindConfig, "lr"))
     p.add_argument(
-        "--method", choices=sorted(METHODS), default=_default(FindConfig, "method"), help=_help(FindConfig, "method")
+        "--method", choices=sorted(METHOD_NAMES), default=_default(FindConfig, "method"), help=_help(FindConfig, "method")
     )
     select = p.add_mutually_exclusive_group()
     select.add_argument(

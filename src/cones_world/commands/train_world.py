@@ -14,13 +14,14 @@ HELP = "train (or continue training) the embedded world model and its evaluation
 
 
 def add_arguments(p) -> None:
-    from cones_world import train
+    from cones_world.train_config import add_arguments
 
-    train.add_arguments(p)
+    add_arguments(p)
 
 
 def run(args) -> int:
-    from cones_world.train import from_arguments, train
+    from cones_world.train import train
+    from cones_world.train_config import from_arguments
 
     config, phases = from_arguments(args)
     report = train(config, phases)
