@@ -1,5 +1,8 @@
 """Every file cones reads or writes goes through here: one atomic writer, one bounded safetensors reader.
 
+(Longer than most modules because it is the one place all of cones' file safety lives: split, the writer's
+and the reader's rules would drift apart again.)
+
 Writing (`write_bytes`, `write_text`, `write_json`, `write_image`, `write_files`):
 
 - the data goes to a temporary file in the target's folder, named `.NAME.cones-tmp-PID-XXXXXXXX`, created

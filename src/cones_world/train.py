@@ -8,6 +8,9 @@ interrupted run loses at most one interval. Phases can be bounded by wall-clock 
 which is how a fixed slot on a borrowed GPU is spent. The CLIP phase needs nothing from the others and can
 run in a second process at the same time (`--phases clip`).
 
+One file, longer than the others, on purpose: a training run is easiest to follow when its loops read top
+to bottom in one place (nanoGPT's habit). Its settings and flags are in `train_config.py`.
+
     python -m cones_world.train --out runs/world --device cuda
 """
 

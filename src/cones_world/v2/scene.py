@@ -10,6 +10,9 @@ regions, as one user's dog is for Stable Diffusion.
 A few invented proper nouns (`NAMED`) are bound to one particular appearance each and appear in captions
 ("a dax"), as brands and landmarks do in Stable Diffusion's: the model learns that a rare word can carry a
 whole look. The identifier words that users bind subjects to (`IDENTIFIERS`) appear in almost no caption.
+
+Sampling and captions share this file because a caption is a reading of the sampled fields: a new field
+and the words that may name it are one change.
 """
 
 from __future__ import annotations
