@@ -8,91 +8,14 @@ only randomness (grass tufts, waves, night stars) comes from a seed derived from
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import numpy as np
 
 from cones_world.scene import BLACK, COLOURS, PLAIN_BACKGROUNDS, TONES, Background, Scene, Thing
+from cones_world.v2.render import shape_mask  # the shapes are the same in both worlds
 
 SUPERSAMPLE = 2
-
-
-def _polygon(points: list[tuple[float, float]]) -> np.ndarray:
-    return np.asarray(points, dtype=np.float32)
-
-
-def _regular(
-    n: int, radius: float = 1.0, phase: float = -math.pi / 2, inner: float | None = None
-) -> np.ndarray:
-    pts = []
-    for i in range(n):
-        a = phase + 2 * math.pi * i / n
-        pts.append((radius * math.cos(a), radius * math.sin(a)))
-        if inner is not None:
-            b = a + math.pi / n
-            pts.append((inner * math.cos(b), inner * math.sin(b)))
-    return _polygon(pts)
-
-
-def _heart() -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-    x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    pts = np.stack([x, y + 2.5], axis=1) / 16.5
-    return pts.astype(np.float32)
-
-
-def _cross(w: float = 0.36) -> np.ndarray:
-    return _polygon(
-        [
-            (-w, -1),
-            (w, -1),
-            (w, -w),
-            (1, -w),
-            (1, w),
-            (w, w),
-            (w, 1),
-            (-w, 1),
-            (-w, w),
-            (-1, w),
-            (-1, -w),
-            (-w, -w),
-        ]
-    )
-
-
-POLYGONS = {
-    "triangle": _polygon([(0.0, -1.0), (0.98, 0.78), (-0.98, 0.78)]),
-    "star": _regular(5, 1.05, inner=0.45),
-    "hexagon": _regular(6, 1.0, phase=0.0),
-    "heart": _heart(),
-    "cross": _cross(),
-}
-
-
-def _polygon_inside(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Even-odd point-in-polygon test for every pixel; u, v: (H, W) local coordinates."""
-    inside = np.zeros(u.shape, dtype=bool)
-    x0, y0 = poly[:, 0], poly[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    for a, b, c, d in zip(x0, y0, x1, y1, strict=True):
-        crosses = (b > v) != (d > v)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x_at = a + (v - b) * (c - a) / (d - b)
-        inside ^= crosses & (u < x_at)
-    return inside
-
-
-def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Boolean (H, W) mask of `shape` in local coordinates."""
-    if shape == "circle":
-        return u * u + v * v <= 1.0
-    if shape == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.86
-    if shape == "diamond":
-        return np.abs(u) + np.abs(v) <= 1.08
-    return _polygon_inside(u, v, POLYGONS[shape])
 
 
 def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
