@@ -47,6 +47,10 @@ def run(args) -> int:
     for i, row in enumerate(rows):
         for seed, image in zip(args.seeds, row, strict=True):
             save_atomic(image, os.path.join(args.out, f"prompt{i}-seed{seed}.png"), args.overwrite)
-    save_atomic(grid(rows, scale=2), os.path.join(args.out, "grid.png"), args.overwrite)
+    shut = "concepts shut: " + ", ".join(os.path.basename(c) for c in args.concept) if args.concept else "no concept"
+    labels = [f'"{prompt}"\n{shut}' for prompt in args.prompts]
+    picture = grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in args.seeds],
+                   title=f"{args.steps} steps, guidance {args.guidance:g}")
+    save_atomic(picture, os.path.join(args.out, "grid.png"), args.overwrite)
     print(f"wrote {len(args.prompts) * len(args.seeds)} images and grid.png to {args.out}")
     return 0
