@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--name", default="threads")
     args = parser.parse_args()
 
+    from cones.threads import busy_cores
     from cones_world.concepts import references
     from cones_world.subjects import SUBJECTS
 
@@ -90,7 +91,9 @@ def main() -> None:
         for load in ("idle", "busy"):
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
             try:
-                time.sleep(1.0 if hog else 0.0)  # let the scheduler see the busy core before choosing
+                # how busy the machine is besides cones (the hog included): an "idle" that is not shows here
+                cells[f"{load}/machine_busy_cores"] = round(busy_cores(1.0) or 0.0, 2)
+                print(load, "busy cores", cells[f"{load}/machine_busy_cores"], flush=True)
                 for threads in args.threads:
                     runs = [find_once(folder, out, cache, args.steps, threads) for _ in range(args.repeats)]
                     seconds = statistics.median(r["search_seconds"] for r in runs)
@@ -121,7 +124,9 @@ def main() -> None:
     }
     lines = [
         f"`cones find` on the embedded model, {args.steps}-step search, median of {args.repeats}, "
-        f'{os.cpu_count()} cores; busy = beside one `python -c "while True: pass"`.',
+        f'{os.cpu_count()} cores; busy = beside one `python -c "while True: pass"`. Cores busy besides cones, '
+        f"measured before each column: idle {cells['idle/machine_busy_cores']}, "
+        f"busy {cells['busy/machine_busy_cores']}.",
         "",
         "| --threads | idle (s) | beside a busy process (s) | slowdown |",
         "|---|---|---|---|",

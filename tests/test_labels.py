@@ -65,6 +65,13 @@ def test_a_header_adds_height_and_a_title_more():
     assert bare.height < header.height < titled.height
 
 
+def test_column_names_wider_than_the_images_do_not_overlap():
+    rows = [[tile((200, 0, 0), 4), tile((0, 0, 200), 4)]]
+    picture = labelled_grid(rows, ["x"], column_labels=["seed 10000", "seed 20000"], scale=1)
+    (x0, _), (x1, _) = find(picture, tile((200, 0, 0), 4))[0], find(picture, tile((0, 0, 200), 4))[0]
+    assert x1 - x0 > ImageFont.load_default(size=12).getlength("seed 10000")
+
+
 def test_long_labels_wrap_to_the_label_width():
     font = ImageFont.load_default(size=12)
     lines = wrap("a sks circle on a grass background next to a blue square", font, 100)

@@ -88,6 +88,8 @@ def labelled_grid(
         for row in rows
     ]
     cell_w = max((im.width for row in scaled for im in row), default=0)
+    # a column is as wide as its widest image or its name, whichever is wider; images are centred in it
+    pitch = max(cell_w, max((_width(font, c) + 2 * GAP for c in column_labels or []), default=0))
     widest = max((_width(font, part) for label in row_labels for part in label.split("\n")), default=0)
     label_w = min(label_width, widest) + PAD
     wrapped = [wrap(label, font, label_w - PAD) for label in row_labels]
@@ -95,7 +97,7 @@ def labelled_grid(
         max(max((im.height for im in row), default=0), len(lines) * line)
         for row, lines in zip(scaled, wrapped, strict=True)
     ]
-    widths = [sum(im.width + GAP for im in row) for row in scaled]
+    widths = [len(row) * (pitch + GAP) for row in scaled]
     content_w = PAD + label_w + max(widths, default=0) + PAD
     title_lines = wrap(title, bold, max(content_w - 2 * PAD, 200)) if title else []
     title_h = len(title_lines) * (line + 2) + (PAD // 2 if title_lines else 0)
@@ -113,16 +115,14 @@ def labelled_grid(
     for i, (row, lines, row_h) in enumerate(zip(scaled, wrapped, heights, strict=True)):
         if column_labels and i == header_row:
             for j, name in enumerate(column_labels):
-                cx = x0 + j * (cell_w + GAP) + (cell_w - _width(font, name)) // 2
+                cx = x0 + j * (pitch + GAP) + (pitch - _width(font, name)) // 2
                 draw.text((cx, y), name, fill=GREY, font=font)
             y += header_h
         ty = y + (row_h - len(lines) * line) // 2
         for text in lines:
             draw.text((PAD, ty), text, fill=BLACK, font=font)
             ty += line
-        x = x0
-        for im in row:
-            image.paste(im, (x, y))
-            x += im.width + GAP
+        for j, im in enumerate(row):
+            image.paste(im, (x0 + j * (pitch + GAP) + (pitch - im.width) // 2, y))
         y += row_h + GAP
     return image
