@@ -170,3 +170,16 @@ def test_baking_a_single_file_keeps_its_tensors_and_zeroes_the_concept(tiny_pipe
     assert all(int(baked[k].eq(0).sum()) >= int(plain[k].eq(0).sum()) for k in changed)
     capsys.readouterr()
     assert main(argv) == 1 and "--overwrite" in capsys.readouterr().err
+
+
+def test_folders_of_sd2_are_refused_in_one_line(tiny_pipe):
+    from types import SimpleNamespace
+
+    from cones.export import to_ldm
+
+    sd2 = SimpleNamespace(unet=SimpleNamespace(config={"cross_attention_dim": 1024}), text_encoder=None)
+    with pytest.raises(ExportError, match="SD 2.x model.*single .safetensors checkpoint"):
+        to_ldm(sd2)
+    other = SimpleNamespace(unet=tiny_pipe.unet, text_encoder=torch.nn.Linear(2, 2))
+    with pytest.raises(ExportError, match="with a CLIP text encoder"):
+        to_ldm(other)

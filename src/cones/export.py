@@ -176,6 +176,11 @@ def to_ldm(pipe) -> dict[str, torch.Tensor]:
     """
     from transformers import CLIPTextModel
 
+    if pipe.unet.config.get("cross_attention_dim") == 1024:
+        raise ExportError(
+            "this is an SD 2.x model, whose original layout holds an OpenCLIP text encoder that cones does not "
+            "write; pass the model's single .safetensors checkpoint as --model (with --config)"
+        )
     if not isinstance(pipe.text_encoder, CLIPTextModel):
         raise ExportError(
             f"the text encoder is a {type(pipe.text_encoder).__name__}; a diffusers folder can be baked only "
