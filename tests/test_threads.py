@@ -16,11 +16,18 @@ def keep_threads():
 
 @pytest.mark.parametrize(
     "cores, busy, expected",
-    [(2, 0.0, 2), (2, 0.1, 2), (2, 1.0, 1), (2, 0.4, 1), (2, 2.0, 1), (8, 3.0, 5), (8, 0.2, 8), (1, 0.0, 1)],
+    [(4, 0.0, 4), (4, 0.1, 4), (4, 1.0, 3), (4, 0.4, 3), (4, 4.0, 1), (8, 3.0, 5), (8, 0.2, 8)],
 )
 def test_busy_cores_are_left_out(monkeypatch, cores, busy, expected):
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
     assert threads.choose_threads(busy) == expected
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_a_small_machine_gets_one_thread_whatever_its_load(monkeypatch, cores):
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads, "busy_cores", lambda: pytest.fail("no need to measure"))
+    assert threads.choose_threads() == 1 and threads.choose_threads(0.0) == 1
 
 
 def test_unknown_load_uses_every_core(monkeypatch):

@@ -6,10 +6,13 @@ beside one busy process, `cones demo`'s search went from 51 s to 918 s (0.12-5.4
 threads than there are free cores the work only shares the machine
 (`benchmarks/bench_threads.py` measures both; results in `benchmarks/results/threads.md`).
 
-`choose_threads()` counts the cores the process may run on, measures for a moment how many of them other
-programs keep busy (from /proc/stat, where it exists), and leaves those out: at least 1 thread, at most
-the free cores. `configure(n)` applies an explicit number or that choice; the heavy commands take it as
-`--threads` (`0`: choose).
+`choose_threads()` gives 1 thread on a machine of 1 or 2 usable cores. There a second thread made an idle
+search 1.6x faster (4.2 s against 6.7 s for 30 steps of `cones find` on the embedded model), but any
+other program that ran meanwhile stalled it: 10-100 s for the same search beside a test run, 129 s beside
+one busy process, where one thread took 6-14 s (`benchmarks/results/threads.md`). On larger machines it
+measures for a moment how many cores other programs keep busy (from /proc/stat, where it exists) and
+leaves those out: at least 1 thread, at most the free cores. `configure(n)` applies an explicit number or
+that choice; the heavy commands take it as `--threads` (`0`: choose).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 __all__ = ["busy_cores", "choose_threads", "configure", "usable_cores"]
 
 SAMPLE_SECONDS = 0.25  # how long the machine's load is watched before choosing
+SMALL_MACHINE = 2  # up to this many usable cores, one thread (see above)
 
 
 def usable_cores() -> int:
@@ -61,12 +65,14 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
 
 
 def choose_threads(busy: float | None = None) -> int:
-    """Threads for torch: the usable cores less those other programs keep busy (at least 1).
+    """Threads for torch: 1 on a small machine, else the usable cores less those other programs keep busy.
 
     `busy` is the number of busy cores (measured with `busy_cores()` when None). A core counts as taken
     when it is more than a quarter busy, so a short spike of a shell does not halve cones' speed.
     """
     cores = usable_cores()
+    if cores <= SMALL_MACHINE:
+        return 1
     if busy is None:
         busy = busy_cores()
     if busy is None:

@@ -29,8 +29,8 @@ def add_threads_argument(parser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="CPU threads for torch; 0 (default) leaves out the cores other programs keep busy, "
-        "so that a busy machine slows cones in proportion",
+        help="CPU threads for torch; 0 (default): 1 on a machine of 2 cores or fewer, else the cores "
+        "that other programs leave free, so that a busy machine slows cones in proportion",
     )
 
 
