@@ -55,7 +55,7 @@ for name in sys.argv[1:]:
     detector = subject_detector(scorer, subject, vae=pipe.vae)
     _, refs, _ = references(subject)
     objective = subject_objective(pipe, subject_data(subject, "sks"), FindConfig(), cache_dir="runs/class-cache")
-    rows, entry = [refs], {}
+    rows, labels, entry = [refs], ["references"], {}
     for method in methods:
         module, lr, extra = METHODS[method]
         started = time.time()
@@ -70,9 +70,12 @@ for name in sys.argv[1:]:
                          "class_subject_rate": float(detector.present(scorer.images(class_images)).float().mean()),
                          "lr": lr, **extra, "train_seconds": seconds}
         rows.append(scored["images"][0])
+        labels.append(f'"{scored["prompts"][0]}"\n{method}, {steps} steps')
         print(name, method, json.dumps(entry[method]), flush=True)
     # read just before writing: another run of this script may have added subjects or methods meanwhile
     out = json.load(open(out_path)) if os.path.exists(out_path) else {}
     out[name] = {**out.get(name, {}), **entry}
     write_atomic(out_path, json.dumps(out, indent=2))
-    grid(rows, scale=2).save(f"benchmarks/results/ceiling-{name}.png")
+    grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in range(4)], header_row=1,
+         title=f"{name}: what fine-tuning draws").save(
+        f"benchmarks/results/ceiling-{name}.png")

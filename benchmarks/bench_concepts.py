@@ -112,6 +112,7 @@ def main() -> None:
                  "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")}}
         entry["without"]["class_subject_rate"] = float(detector.present(before).float().mean())
         rows += [pictures, base["images"][0]]
+        labels = ["references", f'"{base["prompts"][0]}"\nwithout concept']
         for sparsity in args.sparsity:
             concept = result.select(sparsity=sparsity)
             with concept.shut(pipe.unet):
@@ -127,10 +128,12 @@ def main() -> None:
                 "neurons": concept.num_neurons, "sparsity": concept.sparsity, "file_bytes": size,
             }
             rows.append(shut["images"][0])
+            labels.append(f'"{base["prompts"][0]}"\n{100 * sparsity:g}% shut')
         results["subjects"][name] = entry
         print(name, json.dumps(entry), flush=True)
         write_atomic(path, json.dumps(results, indent=2))  # after every subject: an interrupted run keeps them
-        grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
+        grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in seeds], header_row=1,
+             title=f"{name}: {args.steps}-step search").save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
         rows = []
 
     def share(cell: dict, key: str) -> str:  # tables of runs before a measure existed show a dash

@@ -63,17 +63,19 @@ def main() -> None:
         result = find_subject_concept(pipe, subject, FindConfig(steps=args.steps, sparsity=max(args.sparsity)),
                                       cache_dir=os.path.join("runs", "class-cache"))
         entry = {"detector_auc": detector.auc, "search_seconds": time.time() - started, "cells": {}}
-        rows = [pictures]
+        rows, labels = [pictures], ["references"]
         for guidance in args.guidance:
             for sparsity in [0.0, *args.sparsity]:
                 with result.select(sparsity=sparsity).shut(pipe.unet) if sparsity else nullcontext():
                     scored = score_subject(pipe, scorer, subject, detector, "sks", seeds, guidance_scale=guidance)
                 entry["cells"][f"{guidance:g}/{sparsity:g}"] = {k: scored[k] for k in METRICS}
                 rows.append(scored["images"][0])
+                labels.append(f'"{scored["prompts"][0]}"\nguidance {guidance:g}, {100 * sparsity:g}% shut')
         results["subjects"][name] = entry
         print(name, json.dumps(entry), flush=True)
         write_atomic(path, json.dumps(results, indent=2))  # after every subject: an interrupted run keeps them
-        grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
+        grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in seeds], header_row=1,
+             title=f"{name}: subject by guidance and sparsity").save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
 
     columns = [f"{g:g}" for g in results["settings"]["guidance"]]
     sparsities = [0.0, *results["settings"]["sparsities"]]

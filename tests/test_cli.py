@@ -115,6 +115,8 @@ def test_demo_runs_end_to_end_on_the_embedded_model(tmp_path, capsys):
     assert set(report["with"]) == {"image_alignment", "text_alignment", "subject_rate"}
     assert os.path.exists(os.path.join(out, "grid.png"))
     assert os.path.exists(os.path.join(out, f"{report['subject']}.cones"))
+    printed = capsys.readouterr().out  # it ends by saying where the picture is and what to look for
+    assert f"picture: {os.path.join(out, 'grid.png')}" in printed and "Look for" in printed
     assert main(["demo", "--out", out, "--steps", "4", "--seeds", "1"]) == 1  # refuses to overwrite
 
 

@@ -48,8 +48,26 @@ def generate(
     return [images[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def grid(rows: Sequence[Sequence[Image.Image]], scale: int = 1) -> Image.Image:
-    """Paste rows of equally sized images into one picture."""
+def grid(
+    rows: Sequence[Sequence[Image.Image]],
+    scale: int = 1,
+    *,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+    header_row: int = 0,
+    title: str | None = None,
+) -> Image.Image:
+    """Paste rows of equally sized images into one picture.
+
+    With `row_labels` (and optionally `column_labels` above row `header_row`, and a `title`) the picture
+    explains itself: see `cones.labels.labelled_grid`. Without, the images alone, edge to edge.
+    """
+    if row_labels is not None:
+        from cones.labels import labelled_grid
+
+        return labelled_grid(
+            rows, row_labels, column_labels=column_labels, header_row=header_row, title=title, scale=scale
+        )
     arrays = [np.concatenate([np.asarray(im.convert("RGB")) for im in row], axis=1) for row in rows]
     width = max(a.shape[1] for a in arrays)
     arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]

@@ -22,6 +22,20 @@ class UsageError(ConesError):
     """A mistake in what the user asked for; printed as one line, no traceback."""
 
 
+# Commands that run the model for long: they take --threads (see cones.threads).
+HEAVY = frozenset({"find", "generate", "demo", "refine", "evaluate", "attention", "app", "bake"})
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch; 0 (default): 1 on a machine of 2 cores or fewer, else the cores "
+        "that other programs leave free, so that a busy machine slows cones in proportion",
+    )
+
+
 def _commands() -> dict:
     commands = {}
     for info in pkgutil.iter_modules(__path__):
@@ -52,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
+        if name in HEAVY and "threads" not in {a.dest for a in p._actions}:
+            add_threads_argument(p)
         p.set_defaults(_run=module.run)
     return parser
 
@@ -81,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         _quiet_libraries()
     try:
+        if hasattr(args, "threads"):
+            from cones.threads import configure
+
+            configure(args.threads)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("cones: interrupted", file=sys.stderr)

@@ -89,10 +89,15 @@ def run(args) -> int:
 
     # 4. The report.
     print("[4/4] writing the report")
-    rows = [pictures]
-    for b, a in zip(before["images"], after["images"], strict=True):
+    rows, labels = [pictures], [f"references ({len(pictures)})\n{subject.description}"]
+    for prompt, b, a in zip(before["prompts"], before["images"], after["images"], strict=True):
         rows += [b, a]
-    save_atomic(grid(rows, scale=2), os.path.join(args.out, "grid.png"), overwrite=True)
+        labels += [f'"{prompt}"\nwithout concept', f'"{prompt}"\nwith concept (neurons shut)']
+    title = (f"{subject.name}: {concept.num_neurons} neurons shut ({100 * concept.sparsity:.1f}% of "
+             f"cross-attention K/V), {config.steps}-step search")
+    grid_path = os.path.join(args.out, "grid.png")
+    save_atomic(grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in seeds],
+                     header_row=1, title=title), grid_path, overwrite=True)
     numbers = {
         "subject": subject.name,
         "description": subject.description,
@@ -115,5 +120,10 @@ def run(args) -> int:
     print(f"{'image alignment':22}{w['image_alignment']:>10.3f}{a['image_alignment']:>10.3f}")
     print(f"{'text alignment':22}{w['text_alignment']:>10.3f}{a['text_alignment']:>10.3f}")
     print(f"{'subject detected':22}{w['subject_rate']:>10.0%}{a['subject_rate']:>10.0%}")
-    print(f"\nreport: {args.out}/grid.png (row 1: references; then per prompt: without, with), {report_path}")
+    print(f"\npicture: {grid_path}")
+    print(f"  the top row holds the {len(pictures)} reference images of {subject.name} ({subject.description});")
+    print("  below, each prompt twice with the same seeds (one column per seed): first without the concept,")
+    print("  then with its neurons shut. Look for the subject's pattern and colours in the \"with\" rows")
+    print(f"  (detected in {a['subject_rate']:.0%} of them, {w['subject_rate']:.0%} without).")
+    print(f"numbers: {report_path}; concept: {concept_path}")
     return 0
