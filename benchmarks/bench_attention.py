@@ -45,8 +45,9 @@ TOKEN = "sks"
 SUBJECTS = ("striped-circle", "checkered-square", "smiling-star", "two-tone-heart", "dotted-triangle")
 
 
-def world_concept(pipe, subject_name: str, token: str = TOKEN, steps: int = 150, seed: int = 0,
-                  sparsity: float = 0.01):
+def world_concept(
+    pipe, subject_name: str, token: str = TOKEN, steps: int = 150, seed: int = 0, sparsity: float = 0.01
+):
     """The concept of a world subject found with `find_concept` (FindConfig defaults but `steps` and
     `sparsity`), cached."""
     from cones.find import FindConfig
@@ -111,10 +112,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="4 subjects x 6 renders, one strength")
-    parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
+    parser.add_argument(
+        "--model", default=None, help="a Stable Diffusion folder (default: the embedded model)"
+    )
     parser.add_argument("--name", default="attention", help="results file name")
     parser.add_argument("--search-steps", type=int, default=150, help="A2 steps of each concept search")
-    parser.add_argument("--sparsity", type=float, default=0.01, help="share of cross-attention K/V weights shut")
+    parser.add_argument(
+        "--sparsity", type=float, default=0.01, help="share of cross-attention K/V weights shut"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     subjects = SUBJECTS[:4] if args.quick else SUBJECTS
@@ -203,7 +208,9 @@ def main() -> None:
         positions[when] = {k: float(np.mean(v)) for k, v in keys.items()}
     first = CATALOGUE[subjects[0]]
     conditioning = text_pathway(
-        pipe, first.prompt(TOKEN), first.prompt(None),
+        pipe,
+        first.prompt(TOKEN),
+        first.prompt(None),
         first.prompt(None).replace(first.class_word, f"red {first.class_word}"),
     )
 
@@ -297,9 +304,9 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Where the model reads the prompt from (lift of each text position's raw map, all renders; a flat map "
-        "scores 1): " + "; ".join(
-            f"{k} {pos['before'][k]:.2f} → {pos['after'][k]:.2f}" for k in pos["before"]
-        ) + f". Text encoder: mean cosine between the states of the prompt's words {cond['word_state_cosine']:.3f}; "
+        "scores 1): "
+        + "; ".join(f"{k} {pos['before'][k]:.2f} → {pos['after'][k]:.2f}" for k in pos["before"])
+        + f". Text encoder: mean cosine between the states of the prompt's words {cond['word_state_cosine']:.3f}; "
         f"the identifier moves the whole conditioning by {cond['identifier_moves']:.4f} (1 - cosine), "
         f"a colour word by {cond['word_moves']:.4f}.",
     ]

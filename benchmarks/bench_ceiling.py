@@ -46,15 +46,19 @@ steps = int(os.environ.get("STEPS", 300))
 methods = os.environ.get("METHODS", "dreambooth,custom-diffusion").split(",")
 unknown = [m for m in methods if m not in METHODS] + [n for n in sys.argv[1:] if n not in SUBJECTS]
 if unknown:
-    sys.exit(f"fine_tune_ceiling: unknown method or subject {unknown[0]!r}; methods (METHODS=a,b): "
-             f"{', '.join(METHODS)}; subjects: {', '.join(SUBJECTS)}.")
+    sys.exit(
+        f"fine_tune_ceiling: unknown method or subject {unknown[0]!r}; methods (METHODS=a,b): "
+        f"{', '.join(METHODS)}; subjects: {', '.join(SUBJECTS)}."
+    )
 pipe, scorer = load_pipeline(), ClipScorer()
 out_path = "benchmarks/results/ceiling.json"
 for name in sys.argv[1:]:
     subject = SUBJECTS[name]
     detector = subject_detector(scorer, subject, vae=pipe.vae)
     _, refs, _ = references(subject)
-    objective = subject_objective(pipe, subject_data(subject, "sks"), FindConfig(), cache_dir="runs/class-cache")
+    objective = subject_objective(
+        pipe, subject_data(subject, "sks"), FindConfig(), cache_dir="runs/class-cache"
+    )
     rows, labels, entry = [refs], ["references"], {}
     for method in methods:
         module, lr, extra = METHODS[method]
@@ -65,10 +69,15 @@ for name in sys.argv[1:]:
             scored = score_subject(pipe, scorer, subject, detector, "sks", range(4))
             # the class prompts ("a circle on ...", no identifier): does the change reach them too?
             class_images = [im for row in generate(pipe, subject.eval_prompts(None), range(4)) for im in row]
-        entry[method] = {"subject_rate": scored["subject_rate"], "image_alignment": scored["image_alignment"],
-                         "text_alignment": scored["text_alignment"],
-                         "class_subject_rate": float(detector.present(scorer.images(class_images)).float().mean()),
-                         "lr": lr, **extra, "train_seconds": seconds}
+        entry[method] = {
+            "subject_rate": scored["subject_rate"],
+            "image_alignment": scored["image_alignment"],
+            "text_alignment": scored["text_alignment"],
+            "class_subject_rate": float(detector.present(scorer.images(class_images)).float().mean()),
+            "lr": lr,
+            **extra,
+            "train_seconds": seconds,
+        }
         rows.append(scored["images"][0])
         labels.append(f'"{scored["prompts"][0]}"\n{method}, {steps} steps')
         print(name, method, json.dumps(entry[method]), flush=True)
@@ -76,6 +85,11 @@ for name in sys.argv[1:]:
     out = json.load(open(out_path)) if os.path.exists(out_path) else {}
     out[name] = {**out.get(name, {}), **entry}
     write_atomic(out_path, json.dumps(out, indent=2))
-    grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in range(4)], header_row=1,
-         title=f"{name}: what fine-tuning draws").save(
-        f"benchmarks/results/ceiling-{name}.png")
+    grid(
+        rows,
+        scale=2,
+        row_labels=labels,
+        column_labels=[f"seed {s}" for s in range(4)],
+        header_row=1,
+        title=f"{name}: what fine-tuning draws",
+    ).save(f"benchmarks/results/ceiling-{name}.png")

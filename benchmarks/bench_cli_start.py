@@ -25,7 +25,9 @@ COMMANDS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
     seconds: dict[str, list[float]] = {name: [] for name in COMMANDS}
@@ -36,8 +38,11 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
     torch_s = medians["python -c 'import torch'"]
-    report = {"runs": args.runs, "median_seconds": medians,
-              "ratio_to_import_torch": {name: m / torch_s for name, m in medians.items()}}
+    report = {
+        "runs": args.runs,
+        "median_seconds": medians,
+        "ratio_to_import_torch": {name: m / torch_s for name, m in medians.items()},
+    }
     lines = ["| command | median wall seconds | / import torch |", "|---|---|---|"]
     lines += [f"| `{name}` | {m:.3f} | {m / torch_s:.2f} |" for name, m in medians.items()]
     lines += ["", f"{args.runs} runs each, interleaved, after one warm-up round."]

@@ -68,30 +68,48 @@ def drift(pipe, scorer, subject, concept, seeds, before: torch.Tensor, detector)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="3 subjects, 2 seeds")
     parser.add_argument("--subjects", nargs="+", default=None)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.01, 0.05])
     parser.add_argument("--steps", type=int, default=FindConfig.steps)
     parser.add_argument("--targets", default="cross")
-    parser.add_argument("--prior-weight", type=float, default=FindConfig.prior_weight,
-                        help="λ, the weight of prior preservation in the search's loss")
+    parser.add_argument(
+        "--prior-weight",
+        type=float,
+        default=FindConfig.prior_weight,
+        help="λ, the weight of prior preservation in the search's loss",
+    )
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--model", default=None, help="a Stable Diffusion folder (default: the embedded model)")
+    parser.add_argument(
+        "--model", default=None, help="a Stable Diffusion folder (default: the embedded model)"
+    )
     parser.add_argument("--clip", default=None, help="the judge's CLIP folder (default: the embedded one)")
     parser.add_argument("--world", choices=("v1", "v2"), default="v1", help="whose subjects (default: v1)")
     parser.add_argument("--name", default="concepts", help="results file name")
     args = parser.parse_args()
     SUBJECTS = SUBJECTS_V2 if args.world == "v2" else SUBJECTS_V1
-    names = args.subjects or (["striped-circle", "sunset-sea", "smiling-star"] if args.quick else list(SUBJECTS))
+    names = args.subjects or (
+        ["striped-circle", "sunset-sea", "smiling-star"] if args.quick else list(SUBJECTS)
+    )
     seeds = list(range(args.seeds or (2 if args.quick else 4)))
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
     # resuming keeps the results of equal settings
-    settings = {"steps": args.steps, "targets": args.targets, "seeds": seeds, "sparsities": args.sparsity,
-                "lr": FindConfig.lr, "batch_size": FindConfig.batch_size, "guidance_scale": GUIDANCE_SCALE,
-                "prior_weight": args.prior_weight,
-                "model": model_fingerprint(pipe), "detector": "linear probe on decoded renders"}
+    settings = {
+        "steps": args.steps,
+        "targets": args.targets,
+        "seeds": seeds,
+        "sparsities": args.sparsity,
+        "lr": FindConfig.lr,
+        "batch_size": FindConfig.batch_size,
+        "guidance_scale": GUIDANCE_SCALE,
+        "prior_weight": args.prior_weight,
+        "model": model_fingerprint(pipe),
+        "detector": "linear probe on decoded renders",
+    }
     path = os.path.join(RESULTS, f"{args.name}.json")
     results = resumed(args.name, settings)  # subjects measured with the same settings are kept
     rows = []
@@ -102,14 +120,22 @@ def main() -> None:
         detector = subject_detector(scorer, subject, vae=pipe.vae, cache_dir=DETECTOR_CACHE)
         _, pictures, _ = references(subject)
         started = time.time()
-        config = FindConfig(steps=args.steps, targets=args.targets, sparsity=max(args.sparsity),
-                            prior_weight=args.prior_weight)
+        config = FindConfig(
+            steps=args.steps,
+            targets=args.targets,
+            sparsity=max(args.sparsity),
+            prior_weight=args.prior_weight,
+        )
         result = find_subject_concept(pipe, subject, config, cache_dir=os.path.join("runs", "class-cache"))
         seconds = time.time() - started
         base = score_subject(pipe, scorer, subject, detector, "sks", seeds)
         before, seed_similarity = class_images(pipe, scorer, subject, seeds)
-        entry = {"detector_auc": detector.auc, "search_seconds": seconds, "seed_similarity": seed_similarity,
-                 "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")}}
+        entry = {
+            "detector_auc": detector.auc,
+            "search_seconds": seconds,
+            "seed_similarity": seed_similarity,
+            "without": {k: base[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
+        }
         entry["without"]["class_subject_rate"] = float(detector.present(before).float().mean())
         rows += [pictures, base["images"][0]]
         labels = ["references", f'"{base["prompts"][0]}"\nwithout concept']
@@ -124,38 +150,62 @@ def main() -> None:
             similarity, class_rate = drift(pipe, scorer, subject, concept, seeds, before, detector)
             entry[f"with_{sparsity}"] = {
                 **{k: shut[k] for k in ("image_alignment", "text_alignment", "subject_rate")},
-                "drift_similarity": similarity, "class_subject_rate": class_rate,
-                "neurons": concept.num_neurons, "sparsity": concept.sparsity, "file_bytes": size,
+                "drift_similarity": similarity,
+                "class_subject_rate": class_rate,
+                "neurons": concept.num_neurons,
+                "sparsity": concept.sparsity,
+                "file_bytes": size,
             }
             rows.append(shut["images"][0])
             labels.append(f'"{base["prompts"][0]}"\n{100 * sparsity:g}% shut')
         results["subjects"][name] = entry
         print(name, json.dumps(entry), flush=True)
-        write_atomic(path, json.dumps(results, indent=2))  # after every subject: an interrupted run keeps them
-        grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in seeds], header_row=1,
-             title=f"{name}: {args.steps}-step search").save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
+        write_atomic(
+            path, json.dumps(results, indent=2)
+        )  # after every subject: an interrupted run keeps them
+        grid(
+            rows,
+            scale=2,
+            row_labels=labels,
+            column_labels=[f"seed {s}" for s in seeds],
+            header_row=1,
+            title=f"{name}: {args.steps}-step search",
+        ).save(os.path.join(RESULTS, f"{args.name}-{name}.png"))
         rows = []
 
     def share(cell: dict, key: str) -> str:  # tables of runs before a measure existed show a dash
         return f"{cell[key]:.0%}" if key in cell else "–"
 
-    head = "| subject | AUC | image align. without | " + " | ".join(
-        f"image align. / detected / drift sim. / class prompts detected @ {100 * s:g}%" for s in args.sparsity) + (
-        " | detected without (identifier / class prompts) | seed-to-seed sim. | search |")
+    head = (
+        "| subject | AUC | image align. without | "
+        + " | ".join(
+            f"image align. / detected / drift sim. / class prompts detected @ {100 * s:g}%"
+            for s in args.sparsity
+        )
+        + (" | detected without (identifier / class prompts) | seed-to-seed sim. | search |")
+    )
     lines = [head, "|" + "---|" * (6 + len(args.sparsity))]
     for name, e in results["subjects"].items():
-        cells = [f"{e[f'with_{s}']['image_alignment']:.3f} / {e[f'with_{s}']['subject_rate']:.0%} / "
-                 f"{e[f'with_{s}']['drift_similarity']:.3f} / {share(e[f'with_{s}'], 'class_subject_rate')}"
-                 for s in args.sparsity]
-        lines.append(f"| {name} | {e['detector_auc']:.3f} | {e['without']['image_alignment']:.3f} | "
-                     + " | ".join(cells) + f" | {e['without']['subject_rate']:.0%} / "
-                     f"{share(e['without'], 'class_subject_rate')} | {e['seed_similarity']:.3f} "
-                     f"| {e['search_seconds']:.0f} s |")
+        cells = [
+            f"{e[f'with_{s}']['image_alignment']:.3f} / {e[f'with_{s}']['subject_rate']:.0%} / "
+            f"{e[f'with_{s}']['drift_similarity']:.3f} / {share(e[f'with_{s}'], 'class_subject_rate')}"
+            for s in args.sparsity
+        ]
+        lines.append(
+            f"| {name} | {e['detector_auc']:.3f} | {e['without']['image_alignment']:.3f} | "
+            + " | ".join(cells)
+            + f" | {e['without']['subject_rate']:.0%} / "
+            f"{share(e['without'], 'class_subject_rate')} | {e['seed_similarity']:.3f} "
+            f"| {e['search_seconds']:.0f} s |"
+        )
     s = results["settings"]
-    lines += ["", f"A2, {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}+{s['batch_size']}, "
-              f"targets {s['targets']} K/V, prior weight λ {s.get('prior_weight', 1.0):g}; {len(seeds)} seeds per "
-              f"prompt; grid: {args.name}.png "
-              "(per subject: references, without, then with each sparsity, first prompt)."]
+    lines += [
+        "",
+        f"A2, {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}+{s['batch_size']}, "
+        f"targets {s['targets']} K/V, prior weight λ {s.get('prior_weight', 1.0):g}; {len(seeds)} seeds per "
+        f"prompt; grid: {args.name}.png "
+        "(per subject: references, without, then with each sparsity, first prompt).",
+    ]
     lines[-1] = lines[-1].replace(f"grid: {args.name}.png", f"grids: {args.name}-<subject>.png")
     save_results(args.name, results, "\n".join(lines))
 

@@ -56,7 +56,9 @@ NAMED = {
     "face": "with a face",
 }
 INGREDIENTS = {
-    "pattern (stripes, checkers, dots)": lambda t: t.pattern in ("hstripes", "vstripes", "dstripes", "checkers", "dots"),
+    "pattern (stripes, checkers, dots)": lambda t: (
+        t.pattern in ("hstripes", "vstripes", "dstripes", "checkers", "dots")
+    ),
     "two tones (halves)": lambda t: t.pattern in ("vsplit", "hsplit"),
     "face": lambda t: t.face,
 }
@@ -66,8 +68,14 @@ def object_thing(p: dict, rng: random.Random, has=None, wanted: bool = True) -> 
     """A thing for the plain prompt `p`, its look drawn as in training (no hat: captions name hats); with
     `has`, drawn again until `has(thing) == wanted`."""
     while True:
-        thing = replace(sample_thing(rng), shape=p["shape"], colour=p["colour"], size=p["size"],
-                        radius=radius_for(p["size"], rng, False), hat=None)
+        thing = replace(
+            sample_thing(rng),
+            shape=p["shape"],
+            colour=p["colour"],
+            size=p["size"],
+            radius=radius_for(p["size"], rng, False),
+            hat=None,
+        )
         if thing.tone == thing.colour:
             thing = replace(thing, tone=next(t for t in TONES if t != thing.colour))
         if has is None or has(thing) == wanted:
@@ -80,7 +88,9 @@ def scene_image(p: dict, thing: Thing, rng: random.Random) -> Image.Image:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default=None, help="a world model folder (default: the shipped one)")
     parser.add_argument("--name", default="ingredients")
@@ -95,11 +105,16 @@ def main() -> None:
     # 1. One probe per ingredient, fitted and measured on renders of random plain prompts.
     def renders(n: int, has, wanted: bool, seed: int) -> list[Image.Image]:
         r = random.Random(seed)
-        return [scene_image(p, object_thing(p, r, has, wanted), r) for p in single_object_prompts(n, seed=seed)]
+        return [
+            scene_image(p, object_thing(p, r, has, wanted), r) for p in single_object_prompts(n, seed=seed)
+        ]
 
     probes = {}
     for k, (name, has) in enumerate(INGREDIENTS.items()):
-        pos_fit, neg_fit = scorer.images(renders(n_fit, has, True, 100 + k)), scorer.images(renders(n_fit, has, False, 200 + k))
+        pos_fit, neg_fit = (
+            scorer.images(renders(n_fit, has, True, 100 + k)),
+            scorer.images(renders(n_fit, has, False, 200 + k)),
+        )
         mean, scale, weight, bias = fit_probe(pos_fit, neg_fit)
         score = lambda emb, m=mean, s=scale, w=weight, b=bias: ((emb - m) / s) @ w + b  # noqa: E731
         pos = score(scorer.images(renders(200, has, True, 300 + k)))
@@ -109,21 +124,29 @@ def main() -> None:
     # 2. The share of images each probe sees its ingredient in.
     def rates(images: list[Image.Image]) -> dict[str, float]:
         emb = scorer.images(images)
-        return {name: float((score(emb) > threshold).float().mean()) for name, (score, threshold, _) in probes.items()}
+        return {
+            name: float((score(emb) > threshold).float().mean())
+            for name, (score, threshold, _) in probes.items()
+        }
 
     things = [(p, object_thing(p, rng)) for p in prompts for _ in range(n_seeds)]
     training = [scene_image(p, t, rng) for p, t in things]
     rows = {
-        "training renders, as drawn (truth)": {name: float(np.mean([has(t) for _, t in things]))
-                                               for name, has in INGREDIENTS.items()},
+        "training renders, as drawn (truth)": {
+            name: float(np.mean([has(t) for _, t in things])) for name, has in INGREDIENTS.items()
+        },
         "training renders, seen by the probe": rates(training),
         "... through the VAE": rates(through_vae(pipe.vae, training)),
     }
     for guidance in (GUIDANCE_SCALE, 3.0, 1.0):
-        images = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance)
+        images = generate(
+            pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance
+        )
         rows[f"model, guidance {guidance:g}"] = rates([im for row in images for im in row])
         if guidance == GUIDANCE_SCALE:
-            grid = np.concatenate([np.concatenate([np.asarray(im) for im in row[:2]], 1) for row in images[:12]], 0)
+            grid = np.concatenate(
+                [np.concatenate([np.asarray(im) for im in row[:2]], 1) for row in images[:12]], 0
+            )
             Image.fromarray(grid).save(ROOT / "benchmarks" / "results" / f"{args.name}-model.png")
 
     # 3. The ingredient named in the prompt, where the model's tokenizer knows the words (a tokenizer made
@@ -139,7 +162,12 @@ def main() -> None:
         rows[f"model, guidance {GUIDANCE_SCALE:g}, the ingredient named in the prompt"] = named
 
     report = {
-        "settings": {"prompts": n_prompts, "seeds": n_seeds, "fit_renders": n_fit, "model": args.model or "shipped"},
+        "settings": {
+            "prompts": n_prompts,
+            "seeds": n_seeds,
+            "fit_renders": n_fit,
+            "model": args.model or "shipped",
+        },
         "probe_auc": {name: auc for name, (_, _, auc) in probes.items()},
         "rates": rows,
         "seconds": time.time() - start,
@@ -160,12 +188,19 @@ def main() -> None:
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * r[n]:.0f}%" for n in names) + " |")
     phrases = "; ".join(f"'{phrase}'" for phrase in NAMED.values())
-    lines += ["", f"Last row: each ingredient's own rate when the prompt names it the evaluation CLIP's way ({phrases}), "
-              "words the diffusion model's captions never hold: it should stay near the plain prompts' rate, or the "
-              "subjects could be asked for by name." if knows else
-              f"Naming the ingredients ({phrases}) is not measured: this model's tokenizer does not hold those words."]
-    lines += ["", f"Total {report['seconds']:.0f} s. Grid of the model's images at guidance {GUIDANCE_SCALE:g}: "
-              f"{args.name}-model.png."]
+    lines += [
+        "",
+        f"Last row: each ingredient's own rate when the prompt names it the evaluation CLIP's way ({phrases}), "
+        "words the diffusion model's captions never hold: it should stay near the plain prompts' rate, or the "
+        "subjects could be asked for by name."
+        if knows
+        else f"Naming the ingredients ({phrases}) is not measured: this model's tokenizer does not hold those words.",
+    ]
+    lines += [
+        "",
+        f"Total {report['seconds']:.0f} s. Grid of the model's images at guidance {GUIDANCE_SCALE:g}: "
+        f"{args.name}-model.png.",
+    ]
     save_results(args.name, report, "\n".join(lines) + "\n", ROOT / "benchmarks" / "results")
     print("\n".join(lines))
 

@@ -287,7 +287,9 @@ def main() -> None:
     model_id = model_fingerprint(pipe)
     scorer = ClipScorer()
     names = sorted({n for c in COMPOSITIONS.values() for n in c}, key=list(TOKENS).index)
-    detectors = {n: subject_detector(scorer, SUBJECTS[n], vae=pipe.vae, cache_dir=DETECTOR_CACHE) for n in names}
+    detectors = {
+        n: subject_detector(scorer, SUBJECTS[n], vae=pipe.vae, cache_dir=DETECTOR_CACHE) for n in names
+    }
     subjects = {n: subject_data(n) for n in names}
     single_cfg = FindConfig(
         steps=s["single_steps"], batch_size=s["batch"], num_class_images=s["class_images"]
@@ -379,13 +381,9 @@ def main() -> None:
     two = searches[2]
     pair_report = overlap(singles["striped-circle"], singles["sunset-sea"])
     joint_report = overlap(two["union"], two["joint"])
-    refined_reports = {
-        k: overlap_summary(overlap(v["union"], v["refined"])) for k, v in searches.items()
-    }
+    refined_reports = {k: overlap_summary(overlap(v["union"], v["refined"])) for k, v in searches.items()}
     joint_reports = {
-        k: overlap_summary(overlap(v["union"], v["joint"]))
-        for k, v in searches.items()
-        if "joint" in v
+        k: overlap_summary(overlap(v["union"], v["joint"])) for k, v in searches.items() if "joint" in v
     }
     labels = [layer_label(layer.name) for layer in pair_report.layers]
     layer_chart = bar_chart(

@@ -85,7 +85,9 @@ def _background(kind: str, rng: random.Random, size: int) -> Image.Image:
     if kind == "white":
         return Image.new("RGB", (size, size), (238, 238, 238))
     sky = {"night": (15, 20, 60), "snow": (170, 205, 240)}.get(kind, (110, 170, 235))
-    ground = {"grass": (60, 160, 60), "sea": (35, 95, 175), "snow": (235, 240, 248), "night": (25, 30, 70)}[kind]
+    ground = {"grass": (60, 160, 60), "sea": (35, 95, 175), "snow": (235, 240, 248), "night": (25, 30, 70)}[
+        kind
+    ]
     img = Image.new("RGB", (size, size), sky)
     horizon = int(size * rng.uniform(0.45, 0.65))
     ImageDraw.Draw(img).rectangle([0, horizon, size, size], fill=ground)
@@ -122,12 +124,16 @@ def run_cli(*args: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--clip", required=True)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--name", default="outside")
-    parser.add_argument("--work", default=None, help="folder for references, concepts and images (default: temp)")
+    parser.add_argument(
+        "--work", default=None, help="folder for references, concepts and images (default: temp)"
+    )
     args = parser.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="cones-outside-")
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
@@ -144,42 +150,79 @@ def main() -> None:
             im.save(os.path.join(refs, f"{i}.png"))
 
         # The judge: fitted on this file's drawings as the model's VAE returns them.
-        fit_pos = scorer.images(through_vae(pipe.vae, [draw(shape, body, kind, tone, rng) for _ in range(300)]))
+        fit_pos = scorer.images(
+            through_vae(pipe.vae, [draw(shape, body, kind, tone, rng) for _ in range(300)])
+        )
         fit_neg = scorer.images(through_vae(pipe.vae, negatives(shape, subject, 300, rng)))
         mean, scale, weight, bias = fit_probe(fit_pos, fit_neg)
 
         def probe(e: torch.Tensor, mean=mean, scale=scale, weight=weight, bias=bias) -> np.ndarray:
             return (((e - mean) / scale) @ weight + bias).numpy()
 
-        held_pos = probe(scorer.images(through_vae(pipe.vae, [draw(shape, body, kind, tone, rng) for _ in range(100)])))
+        held_pos = probe(
+            scorer.images(through_vae(pipe.vae, [draw(shape, body, kind, tone, rng) for _ in range(100)]))
+        )
         held_neg = probe(scorer.images(through_vae(pipe.vae, negatives(shape, subject, 100, rng))))
         threshold = best_threshold(held_pos, held_neg)
 
         # The user's path: find, then generate with and without the concept.
         concept = os.path.join(work, name, "concept.cones")
-        run_cli("find", "--images", refs, "--token", "sks", "--class-word", shape, "--model", args.model,
-                "--out", concept, "--overwrite")
+        run_cli(
+            "find",
+            "--images",
+            refs,
+            "--token",
+            "sks",
+            "--class-word",
+            shape,
+            "--model",
+            args.model,
+            "--out",
+            concept,
+            "--overwrite",
+        )
         identifier = [f"a sks {shape}"] + [f"a sks {shape} on a {c} background" for c in CONTEXTS]
         classes = [p.replace("sks ", "") for p in identifier]
         rates, shown = {}, {}
-        for label, prompts, with_concept in (("identifier_with", identifier, True), ("identifier_without", identifier, False),
-                                             ("class_with", classes, True), ("class_without", classes, False)):
+        for label, prompts, with_concept in (
+            ("identifier_with", identifier, True),
+            ("identifier_without", identifier, False),
+            ("class_with", classes, True),
+            ("class_without", classes, False),
+        ):
             out = os.path.join(work, name, label)
-            run_cli("generate", *prompts, "--model", args.model, "--out", out, "--seeds", *seeds, "--overwrite",
-                    *(["--concept", concept] if with_concept else []))
+            run_cli(
+                "generate",
+                *prompts,
+                "--model",
+                args.model,
+                "--out",
+                out,
+                "--seeds",
+                *seeds,
+                "--overwrite",
+                *(["--concept", concept] if with_concept else []),
+            )
             images = [open_image(p) for p in list_images(out) if os.path.basename(p) != "grid.png"]
             rates[label] = float((probe(scorer.images(images)) > threshold).mean())
             shown[label] = images[: args.seeds]
         report["subjects"][name] = {"judge_auc": roc_auc(held_pos, held_neg), **rates}
         rows += [pictures[: args.seeds], shown["identifier_without"], shown["identifier_with"]]
     grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}.png"))
-    lines = ["| subject | judge AUC | identifier prompts without -> with | class prompts without -> with |",
-             "|---|---|---|---|"]
+    lines = [
+        "| subject | judge AUC | identifier prompts without -> with | class prompts without -> with |",
+        "|---|---|---|---|",
+    ]
     for name, r in report["subjects"].items():
-        lines.append(f"| {name} | {r['judge_auc']:.3f} | {r['identifier_without']:.0%} -> {r['identifier_with']:.0%} | "
-                     f"{r['class_without']:.0%} -> {r['class_with']:.0%} |")
-    lines += ["", f"`cones find` with the model's defaults; 6 prompts x {args.seeds} seeds per cell. Grid "
-              f"{args.name}.png: per subject, references, then without and with the concept."]
+        lines.append(
+            f"| {name} | {r['judge_auc']:.3f} | {r['identifier_without']:.0%} -> {r['identifier_with']:.0%} | "
+            f"{r['class_without']:.0%} -> {r['class_with']:.0%} |"
+        )
+    lines += [
+        "",
+        f"`cones find` with the model's defaults; 6 prompts x {args.seeds} seeds per cell. Grid "
+        f"{args.name}.png: per subject, references, then without and with the concept.",
+    ]
     save_results(args.name, report, "\n".join(lines))
 
 

@@ -268,8 +268,13 @@ def main() -> None:
     t0 = time.perf_counter()
     for i, (subject, token) in enumerate(zip(subjects, tokens, strict=True)):
         images, pictures, _ = concepts.references(subject)
-        data = SubjectImages(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
-                           class_prompts=subject.prior_prompts())
+        data = SubjectImages(
+            images,
+            token,
+            subject.class_word,
+            subject_prompts=subject.reference_prompts(token),
+            class_prompts=subject.prior_prompts(),
+        )
         objectives.append(
             subject_objective(pipe, data, find_cfg, seed=cfg.seed + i, cache_dir=args.cache_dir)
         )

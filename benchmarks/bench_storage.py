@@ -133,10 +133,14 @@ def main() -> None:
         "model": "SD-1.x UNet2DConditionModel config (shapes only)",
         "rows": rows,
     }
-    save_results("storage", report, "# Storage of one concept, SD-1.x attention K/V\n\n"
-                 "Sizes in MB (10^6 bytes). Custom Diffusion stores fp32 copies of all cross-attention K/V "
-                 "(the paper reports 72-77 MB); LoRA is fp32, rank 4, on the same target matrices.\n\n"
-                 + markdown(rows))
+    save_results(
+        "storage",
+        report,
+        "# Storage of one concept, SD-1.x attention K/V\n\n"
+        "Sizes in MB (10^6 bytes). Custom Diffusion stores fp32 copies of all cross-attention K/V "
+        "(the paper reports 72-77 MB); LoRA is fp32, rank 4, on the same target matrices.\n\n"
+        + markdown(rows),
+    )
 
 
 if __name__ == "__main__":

@@ -169,7 +169,9 @@ def main() -> None:
         f"UNet forward pass ({8 * latent}x{8 * latent} px, batch 1): {fwd['plain_s']:.2f} s plain, "
         f"{fwd['with_concept_s']:.2f} s with a 1.32% concept shut (ratio {fwd['ratio']:.3f}).\n"
     )
-    save_results("switching", report,
+    save_results(
+        "switching",
+        report,
         "# Switching a concept in an SD-1.x UNet (CPU)\n\n"
         f"Medians of {repeats} repeats; {report['machine']['threads']} torch threads on a shared CPU. "
         f"Reloading copies {kv_bytes / 1e6:.1f} MB of saved fp32 K/V back into the 32 attn2 to_k/to_v weights "

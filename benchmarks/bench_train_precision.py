@@ -25,8 +25,12 @@ from cones.pipeline import resolve_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=6, help="timed steps per precision (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=6, help="timed steps per precision (default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
     args = parser.parse_args()
@@ -37,8 +41,12 @@ def main() -> None:
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").float().train()
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").float().train()
     optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-6)
-    latents = torch.randn(args.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    ids = torch.randint(0, text_encoder.config.vocab_size, (args.batch, text_encoder.config.max_position_embeddings))
+    latents = torch.randn(
+        args.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
+    )
+    ids = torch.randint(
+        0, text_encoder.config.vocab_size, (args.batch, text_encoder.config.max_position_embeddings)
+    )
     timesteps = torch.randint(0, 1000, (args.batch,))
 
     def step(bf16: bool) -> float:
@@ -60,23 +68,29 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in seconds.items()}
     report = {
         "benchmark": "train-precision",
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
         "batch": args.batch,
         "seconds": seconds,
         "median_seconds": medians,
         "bf16_over_float32": medians["bf16 autocast"] / medians["float32"],
     }
-    table = "\n".join([
-        "# One training step of the world model's UNet and text encoder, float32 against bf16 autocast (CPU)",
-        "",
-        f"Batch {args.batch}, {args.threads} torch threads, {args.repeats} alternating repeats each, medians; "
-        f"CPU capability {report['machine']['cpu_capability']}.",
-        "",
-        "| precision | median step | |",
-        "|---|---:|---:|",
-        *[f"| {name} | {m:.3f} s | {m / medians['float32']:.2f}x |" for name, m in medians.items()],
-    ])
+    table = "\n".join(
+        [
+            "# One training step of the world model's UNet and text encoder, float32 against bf16 autocast (CPU)",
+            "",
+            f"Batch {args.batch}, {args.threads} torch threads, {args.repeats} alternating repeats each, medians; "
+            f"CPU capability {report['machine']['cpu_capability']}.",
+            "",
+            "| precision | median step | |",
+            "|---|---:|---:|",
+            *[f"| {name} | {m:.3f} s | {m / medians['float32']:.2f}x |" for name, m in medians.items()],
+        ]
+    )
     save_results("train-precision", report, table)
 
 

@@ -46,8 +46,14 @@ def single_object_prompts(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        out.append({"size": rng.choice(SIZES), "colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES),
-                    "background": rng.choice(BACKGROUNDS)})
+        out.append(
+            {
+                "size": rng.choice(SIZES),
+                "colour": rng.choice(list(COLOURS)),
+                "shape": rng.choice(SHAPES),
+                "background": rng.choice(BACKGROUNDS),
+            }
+        )
     return out
 
 
@@ -64,10 +70,13 @@ def canonical_render(p: dict, rng: random.Random) -> Image.Image:
     return Image.fromarray(render(scene))
 
 
-def prompt_following(pipe, scorer: ClipScorer, prompts: list[dict], n_seeds: int,
-                     guidance_scale: float = GUIDANCE_SCALE) -> dict[str, float]:
+def prompt_following(
+    pipe, scorer: ClipScorer, prompts: list[dict], n_seeds: int, guidance_scale: float = GUIDANCE_SCALE
+) -> dict[str, float]:
     """Zero-shot agreement of the model's images of single-object `prompts` (seeds 0..n_seeds-1)."""
-    rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance_scale)
+    rows = generate(
+        pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)), guidance_scale=guidance_scale
+    )
     return zero_shot(scorer, [im for row in rows for im in row], [p for p in prompts for _ in range(n_seeds)])
 
 
@@ -77,8 +86,12 @@ def zero_shot(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict]
     return {a: float(np.mean(h)) for a, h in hits.items()}
 
 
-def zero_shot_hits(scorer: ClipScorer, images: list[Image.Image], prompts: list[dict],
-                   attributes: tuple[str, ...] = tuple(ATTRIBUTES)) -> dict[str, list[bool]]:
+def zero_shot_hits(
+    scorer: ClipScorer,
+    images: list[Image.Image],
+    prompts: list[dict],
+    attributes: tuple[str, ...] = tuple(ATTRIBUTES),
+) -> dict[str, list[bool]]:
     """Per image and attribute, whether the CLIP's choice among all the attribute's values (the prompt's other
     words kept) is the prompt's. The images are seen on four quarter-patch shifts as well (`grid_shifts`)."""
     emb = scorer.images(images, grid_shifts=True)
@@ -102,31 +115,50 @@ def judge_on_many_renders(scorer: ClipScorer, n: int, seed: int = 11) -> dict:
     errors: dict[str, int] = {}
     for p, hit in zip(prompts, hits, strict=True):
         if not hit:
-            key = f"{p['size']} {p['shape']}" + (" (white on white)" if p["colour"] == p["background"] else "")
+            key = f"{p['size']} {p['shape']}" + (
+                " (white on white)" if p["colour"] == p["background"] else ""
+            )
             errors[key] = errors.get(key, 0) + 1
-    return {"renders": n, "seed": seed, "shape": float(hits.mean()),
-            "white_on_white": {"renders": int(white.sum()), "shape": float(hits[white].mean())},
-            "other_pairs": {"renders": int((~white).sum()), "shape": float(hits[~white].mean())},
-            "errors_on_white_on_white": int((~hits & white).sum()), "errors": int((~hits).sum()),
-            "most_common_errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:6])}
+    return {
+        "renders": n,
+        "seed": seed,
+        "shape": float(hits.mean()),
+        "white_on_white": {"renders": int(white.sum()), "shape": float(hits[white].mean())},
+        "other_pairs": {"renders": int((~white).sum()), "shape": float(hits[~white].mean())},
+        "errors_on_white_on_white": int((~hits & white).sum()),
+        "errors": int((~hits).sum()),
+        "most_common_errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:6]),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default=None, help="a world model folder to measure (default: the shipped one)")
+    parser.add_argument(
+        "--model", default=None, help="a world model folder to measure (default: the shipped one)"
+    )
     parser.add_argument("--clip", default=None, help="the judge's CLIP folder (default: the shipped one)")
     parser.add_argument("--name", default="world", help="results file name")
-    parser.add_argument("--prompts", type=int, default=None, help="single-object prompts (default: 24 quick, 96)")
-    parser.add_argument("--against", default=None,
-                        help="another model folder whose prompt following is measured beside, on the same prompts")
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="single-object prompts (default: 24 quick, 96)"
+    )
+    parser.add_argument(
+        "--against",
+        default=None,
+        help="another model folder whose prompt following is measured beside, on the same prompts",
+    )
     args = parser.parse_args()
     n_prompts, n_seeds = (24, 2) if args.quick else (96, 2)
     n_prompts = args.prompts or n_prompts
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
-    report: dict = {"model": args.model or "cones-world (embedded)", "clip": args.clip or "cones-world (embedded)",
-                    "settings": {"prompts": n_prompts, "seeds": n_seeds, "steps": 25, "guidance_scale": GUIDANCE_SCALE}}
+    report: dict = {
+        "model": args.model or "cones-world (embedded)",
+        "clip": args.clip or "cones-world (embedded)",
+        "settings": {"prompts": n_prompts, "seeds": n_seeds, "steps": 25, "guidance_scale": GUIDANCE_SCALE},
+    }
 
     # 1. The CLIP on real renders.
     prompts = single_object_prompts(n_prompts * n_seeds, seed=1)
@@ -156,11 +188,15 @@ def main() -> None:
     prompts = single_object_prompts(n_prompts, seed=3)
     report["base_model_by_guidance"] = {}
     for guidance in sorted((GUIDANCE_SCALE, *OTHER_GUIDANCE)):
-        report["base_model_by_guidance"][str(guidance)] = prompt_following(pipe, scorer, prompts, n_seeds, guidance)
+        report["base_model_by_guidance"][str(guidance)] = prompt_following(
+            pipe, scorer, prompts, n_seeds, guidance
+        )
     report["base_model"] = report["base_model_by_guidance"][str(GUIDANCE_SCALE)]
     if args.against:
-        report["against"] = {"model": args.against,
-                             **prompt_following(load_pipeline(args.against), scorer, prompts, n_seeds)}
+        report["against"] = {
+            "model": args.against,
+            **prompt_following(load_pipeline(args.against), scorer, prompts, n_seeds),
+        }
 
     # 3. Chance: identifier prompts vs class prompts on the base model, before any search.
     chance = {}
@@ -183,35 +219,59 @@ def main() -> None:
     report["generation"] = {**timings, "threads": torch.get_num_threads()}
 
     lines = ["| check | shape | colour | background |", "|---|---|---|---|"]
-    rows = [("CLIP zero-shot on real renders", report["clip_on_renders"]),
-            ("... on the same renders through the VAE (a perfect UNet's ceiling)", report["clip_on_decoded_renders"]),
-            (f"base model's images (CLIP zero-shot), guidance {GUIDANCE_SCALE}", report["base_model"])]
-    rows += [(f"... at guidance {g}", r) for g, r in report["base_model_by_guidance"].items() if g != str(GUIDANCE_SCALE)]
+    rows = [
+        ("CLIP zero-shot on real renders", report["clip_on_renders"]),
+        (
+            "... on the same renders through the VAE (a perfect UNet's ceiling)",
+            report["clip_on_decoded_renders"],
+        ),
+        (f"base model's images (CLIP zero-shot), guidance {GUIDANCE_SCALE}", report["base_model"]),
+    ]
+    rows += [
+        (f"... at guidance {g}", r)
+        for g, r in report["base_model_by_guidance"].items()
+        if g != str(GUIDANCE_SCALE)
+    ]
     if args.against:
         rows.append((f"{args.against}, same prompts and seeds, guidance {GUIDANCE_SCALE}", report["against"]))
     for label, r in rows:
         lines.append(f"| {label} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} |")
     m = report["clip_on_many_renders"]
-    lines += ["", f"The judge's shape choice on {m['renders']} more renders (seed {m['seed']}): {m['shape']:.1%}; "
-              f"{m['errors_on_white_on_white']} of its {m['errors']} errors are on the {m['white_on_white']['renders']} "
-              f"white objects on the white background ({m['white_on_white']['shape']:.0%} right there), "
-              f"{m['other_pairs']['shape']:.1%} on every other pair. Most common errors: "
-              + ", ".join(f"{k} {v}" for k, v in m["most_common_errors"].items()) + "."]
-    lines += ["", f"Generated images: {n_prompts} single-object prompts x {n_seeds} seeds per row "
-              f"(one image is {1 / (n_prompts * n_seeds):.1%} of a column)."]
-    lines += ["", "| subject | ROC AUC on renders (probe) | plain similarity AUC | renders through the VAE, "
-              "subject / class, seen by the probe of crisp renders | detector's AUC on renders through the VAE "
-              "| detected before any search: identifier prompts ('a sks circle ...') | class prompts "
-              "('a circle ...') |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"The judge's shape choice on {m['renders']} more renders (seed {m['seed']}): {m['shape']:.1%}; "
+        f"{m['errors_on_white_on_white']} of its {m['errors']} errors are on the {m['white_on_white']['renders']} "
+        f"white objects on the white background ({m['white_on_white']['shape']:.0%} right there), "
+        f"{m['other_pairs']['shape']:.1%} on every other pair. Most common errors: "
+        + ", ".join(f"{k} {v}" for k, v in m["most_common_errors"].items())
+        + ".",
+    ]
+    lines += [
+        "",
+        f"Generated images: {n_prompts} single-object prompts x {n_seeds} seeds per row "
+        f"(one image is {1 / (n_prompts * n_seeds):.1%} of a column).",
+    ]
+    lines += [
+        "",
+        "| subject | ROC AUC on renders (probe) | plain similarity AUC | renders through the VAE, "
+        "subject / class, seen by the probe of crisp renders | detector's AUC on renders through the VAE "
+        "| detected before any search: identifier prompts ('a sks circle ...') | class prompts "
+        "('a circle ...') |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in SUBJECTS:
         c, crisp = chance[name], report["crisp_detector_on_decoded"][name]
-        lines.append(f"| {name} | {report['subject_auc'][name]:.3f} | {report['subject_similarity_auc'][name]:.3f} "
-                     f"| {crisp['subject']:.0%} / {crisp['class']:.0%} | {report['subject_auc_decoded'][name]:.3f} "
-                     f"| {c['identifier']:.0%} | {c['class']:.0%} |")
+        lines.append(
+            f"| {name} | {report['subject_auc'][name]:.3f} | {report['subject_similarity_auc'][name]:.3f} "
+            f"| {crisp['subject']:.0%} / {crisp['class']:.0%} | {report['subject_auc_decoded'][name]:.3f} "
+            f"| {c['identifier']:.0%} | {c['class']:.0%} |"
+        )
     g = report["generation"]
-    lines += ["", f"Generation, 64x64, 25 steps, CPU ({g['threads']} threads): 1 image {g['batch_1_seconds']:.1f} s, "
-              f"16 images {g['batch_16_seconds']:.1f} s."]
+    lines += [
+        "",
+        f"Generation, 64x64, 25 steps, CPU ({g['threads']} threads): 1 image {g['batch_1_seconds']:.1f} s, "
+        f"16 images {g['batch_16_seconds']:.1f} s.",
+    ]
     save_results(args.name, report, "\n".join(lines))
 
 

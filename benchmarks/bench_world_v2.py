@@ -57,8 +57,15 @@ def prompt_of(p: dict) -> str:
 
 def single_object_prompts(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"size": rng.choice(("small", "big")), "colour": rng.choice(list(COLOUR_WORDS)),
-             "shape": rng.choice(SHAPES), "background": rng.choice(BACKGROUND_WORDS)} for _ in range(n)]
+    return [
+        {
+            "size": rng.choice(("small", "big")),
+            "colour": rng.choice(list(COLOUR_WORDS)),
+            "shape": rng.choice(SHAPES),
+            "background": rng.choice(BACKGROUND_WORDS),
+        }
+        for _ in range(n)
+    ]
 
 
 def random_renders(n: int, seed: int) -> tuple[list[Image.Image], list[dict]]:
@@ -74,12 +81,21 @@ def random_renders(n: int, seed: int) -> tuple[list[Image.Image], list[dict]]:
             continue
         thing = place([thing], None, rng)[0]
         images.append(Image.fromarray(render(Scene(background, (thing,)))))
-        facts.append({"size": thing.size, "colour": colour_word(thing.colour), "shape": thing.shape,
-                      "background": background.word, "pattern": thing.pattern.kind})
+        facts.append(
+            {
+                "size": thing.size,
+                "colour": colour_word(thing.colour),
+                "shape": thing.shape,
+                "background": background.word,
+                "pattern": thing.pattern.kind,
+            }
+        )
     return images, facts
 
 
-def zero_shot(scorer: ClipScorer, images: list[Image.Image], facts: list[dict], attributes) -> dict[str, float]:
+def zero_shot(
+    scorer: ClipScorer, images: list[Image.Image], facts: list[dict], attributes
+) -> dict[str, float]:
     """Share of images whose CLIP choice of each attribute (the others kept as the facts say) is right."""
     emb = scorer.images(images, grid_shifts=True)
     choices = {**ATTRIBUTES, "pattern": PATTERN_KINDS}
@@ -103,8 +119,11 @@ def ingredients(pipe, scorer: ClipScorer, n_prompts: int, n_seeds: int) -> dict:
     """How often a named ingredient is drawn (zero-shot, against the same prompt without it)."""
     rng = random.Random(5)
     out = {}
-    for name, phrase in [*((k, f"with {v}") for k, v in PATTERN_PHRASES.items()), ("face", "with a face"),
-                         ("hat", "wearing a hat")]:
+    for name, phrase in [
+        *((k, f"with {v}") for k, v in PATTERN_PHRASES.items()),
+        ("face", "with a face"),
+        ("hat", "wearing a hat"),
+    ]:
         bases = [f"a {rng.choice(list(COLOUR_WORDS))} {rng.choice(SHAPES)}" for _ in range(n_prompts)]
         backgrounds = [f" on a {rng.choice(BACKGROUND_WORDS)} background" for _ in range(n_prompts)]
         prompts = [f"{b} {phrase}{g}" for b, g in zip(bases, backgrounds, strict=True)]
@@ -130,8 +149,19 @@ def judge_on_patterns(scorer: ClipScorer, n: int) -> dict:
             pattern = sample_pattern(rng, thing.colour)
             while pattern.kind == "solid":
                 pattern = sample_pattern(rng, thing.colour)
-            thing = place([replace(thing, pattern=replace(pattern, kind=kind), face=None, hat=None,
-                                   radius=rng.uniform(0.21, 0.29))], None, rng)[0]
+            thing = place(
+                [
+                    replace(
+                        thing,
+                        pattern=replace(pattern, kind=kind),
+                        face=None,
+                        hat=None,
+                        radius=rng.uniform(0.21, 0.29),
+                    )
+                ],
+                None,
+                rng,
+            )[0]
             images.append(Image.fromarray(render(Scene(background, (thing,)))))
             base = f"a {colour_word(thing.colour)} {thing.shape}"
             with_it.append(f"{base} with {words}")
@@ -149,37 +179,61 @@ def before_search(pipe, scorer: ClipScorer, n_seeds: int, names) -> dict:
         if subject.kind == "object":
             described = [thing_phrase(subject.thing)]
         rates = {"detector_auc": detector.auc}
-        for label, prompts in (("identifier", subject.eval_prompts("sks")), ("class", subject.eval_prompts(None)),
-                               ("description", described)):
+        for label, prompts in (
+            ("identifier", subject.eval_prompts("sks")),
+            ("class", subject.eval_prompts(None)),
+            ("description", described),
+        ):
             rows = generate(pipe, prompts, list(range(n_seeds)))
-            rates[label] = float(detector.present(scorer.images([im for row in rows for im in row])).float().mean())
+            rates[label] = float(
+                detector.present(scorer.images([im for row in rows for im in row])).float().mean()
+            )
         out[name] = rates
     return out
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# World v2: {r['model']}", "", f"Judge: {r['clip']}. Settings: {r['settings']}.", "",
-             "| measure | shape | colour | background | pattern |", "|---|---|---|---|---|"]
-    for key, label in (("judge_on_renders", "judge on renders"), ("base_model", "base model, 96 prompts x 2")):
+    lines = [
+        f"# World v2: {r['model']}",
+        "",
+        f"Judge: {r['clip']}. Settings: {r['settings']}.",
+        "",
+        "| measure | shape | colour | background | pattern |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (
+        ("judge_on_renders", "judge on renders"),
+        ("base_model", "base model, 96 prompts x 2"),
+    ):
         v = r[key]
-        lines.append(f"| {label} | {v['shape']:.0%} | {v['colour']:.0%} | {v['background']:.0%} | "
-                     f"{v.get('pattern', float('nan')):.0%} |")
+        lines.append(
+            f"| {label} | {v['shape']:.0%} | {v['colour']:.0%} | {v['background']:.0%} | "
+            f"{v.get('pattern', float('nan')):.0%} |"
+        )
     lines += ["", "| ingredient | judge on renders | drawn when named |", "|---|---|---|"]
     for k, v in r["ingredients"].items():
         lines.append(f"| {k} | {r['judge_on_ingredients'].get(k, float('nan')):.0%} | {v:.0%} |")
     t = r["text_pathway"]
-    lines += ["", f"Text pathway: mean cosine between word states {t['word_state_cosine']:.3f}; 'sks' moves the "
-              f"conditioning by {t['identifier_moves']:.4f}, 'red' by {t['word_moves']:.4f}.", "",
-              "| subject | detector AUC | identifier prompts | class prompts | fullest description |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Text pathway: mean cosine between word states {t['word_state_cosine']:.3f}; 'sks' moves the "
+        f"conditioning by {t['identifier_moves']:.4f}, 'red' by {t['word_moves']:.4f}.",
+        "",
+        "| subject | detector AUC | identifier prompts | class prompts | fullest description |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in r["before_search"].items():
-        lines.append(f"| {name} | {v['detector_auc']:.3f} | {v['identifier']:.0%} | {v['class']:.0%} | "
-                     f"{v['description']:.0%} |")
+        lines.append(
+            f"| {name} | {v['detector_auc']:.3f} | {v['identifier']:.0%} | {v['class']:.0%} | "
+            f"{v['description']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="the world v2 Stable Diffusion folder")
     parser.add_argument("--clip", required=True, help="the world v2 CLIP folder (the judge)")
     parser.add_argument("--quick", action="store_true", help="24 prompts and fewer renders")
@@ -189,16 +243,30 @@ def main() -> None:
     n_prompts, n_seeds, n_renders = (24, 2, 200) if args.quick else (96, 2, 1000)
     torch.manual_seed(0)
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
-    report: dict = {"model": args.model, "clip": args.clip,
-                    "settings": {"prompts": n_prompts, "seeds": n_seeds, "renders": n_renders, "steps": 25,
-                                 "guidance_scale": GUIDANCE_SCALE}}
+    report: dict = {
+        "model": args.model,
+        "clip": args.clip,
+        "settings": {
+            "prompts": n_prompts,
+            "seeds": n_seeds,
+            "renders": n_renders,
+            "steps": 25,
+            "guidance_scale": GUIDANCE_SCALE,
+        },
+    }
     images, facts = random_renders(n_renders, seed=1)
-    report["judge_on_renders"] = zero_shot(scorer, images, facts, ("shape", "colour", "background", "pattern"))
+    report["judge_on_renders"] = zero_shot(
+        scorer, images, facts, ("shape", "colour", "background", "pattern")
+    )
     report["judge_on_ingredients"] = judge_on_patterns(scorer, n_renders // 10)
     prompts = single_object_prompts(n_prompts, seed=3)
     rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)))
-    report["base_model"] = zero_shot(scorer, [im for row in rows for im in row],
-                                     [p for p in prompts for _ in range(n_seeds)], ("shape", "colour", "background"))
+    report["base_model"] = zero_shot(
+        scorer,
+        [im for row in rows for im in row],
+        [p for p in prompts for _ in range(n_seeds)],
+        ("shape", "colour", "background"),
+    )
     report["ingredients"] = ingredients(pipe, scorer, n_prompts // 4, n_seeds)
     report["text_pathway"] = text_pathway(pipe, "a sks circle", "a circle", "a red circle")
     report["before_search"] = before_search(pipe, scorer, n_seeds, args.subjects.split(","))

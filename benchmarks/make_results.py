@@ -79,7 +79,11 @@ def summary_attention(r: dict) -> str:
 
 def summary_ceiling(r: dict) -> str:
     best = sorted(
-        ((v["subject_rate"], subject, method) for subject, methods in r.items() for method, v in methods.items()),
+        (
+            (v["subject_rate"], subject, method)
+            for subject, methods in r.items()
+            for method, v in methods.items()
+        ),
         key=lambda t: (-t[0], t[1], t[2]),
     )[0]
     return f"Highest subject rate: {best[1]} with {best[2]}, {pct(best[0])} of its identifier-prompt images."
@@ -117,8 +121,11 @@ def summary_multi(r: dict) -> str:
         )
         parts.append(f"{n} subjects {chain}")
     most = max(row["all_present"] for row in r["rows"] if row["method"] != "renders")
-    at_once = (f"every subject at once in at most {pct(most)} of any method's generated images" if most
-               else "no generated image shows every subject at once")
+    at_once = (
+        f"every subject at once in at most {pct(most)} of any method's generated images"
+        if most
+        else "no generated image shows every subject at once"
+    )
     return f"Mean image alignment, base / concatenation / refined: {'; '.join(parts)}; {at_once}."
 
 
@@ -144,7 +151,9 @@ def summary_paper(r: dict) -> str:
 def summary_precision(r: dict) -> str:
     variants = list(dict.fromkeys(row["variant"] for row in r["rows"]))
     rates = {v: mean(row["subject_rate"] for row in r["rows"] if row["variant"] == v) for v in variants}
-    return "Subject detected, mean over subjects: " + ", ".join(f"{v} {pct(x)}" for v, x in rates.items()) + "."
+    return (
+        "Subject detected, mean over subjects: " + ", ".join(f"{v} {pct(x)}" for v, x in rates.items()) + "."
+    )
 
 
 def summary_storage(r: dict) -> str:
@@ -177,8 +186,13 @@ def summary_gpu_check(r: dict) -> str:
     for run in runs:
         if run["method"] != "cones A2":
             continue
-        other = [o for o in runs if o["method"] != run["method"] and o["batch"] == run["batch"]
-                 and o["gradient_checkpointing"] == run["gradient_checkpointing"]]
+        other = [
+            o
+            for o in runs
+            if o["method"] != run["method"]
+            and o["batch"] == run["batch"]
+            and o["gradient_checkpointing"] == run["gradient_checkpointing"]
+        ]
         if other:
             ratios.append(run["steps_per_second"] / other[0]["steps_per_second"])
     peak = max(run["peak_bytes"] for run in runs if run["method"] == "cones A2") / 2**30
@@ -205,55 +219,112 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("world", "bench_world.py", "python benchmarks/bench_world.py --quick", summary_world,
-              see="[world.md](world.md#world-v1-as-shipped)"),
-    Benchmark("ingredients", "bench_ingredients.py", "python benchmarks/bench_ingredients.py",
-              summary_ingredients, image="ingredients-model.png",
-              see="[world.md](world.md#what-world-v1-taught-us)"),
-    Benchmark("concepts", "bench_concepts.py",
-              "python benchmarks/bench_concepts.py --steps 150 --sparsity 0.01 0.05 --seeds 2",
-              summary_concepts, image="concepts-smiling-star.png",
-              see="[world.md](world.md#what-world-v1-taught-us)"),
-    Benchmark("guidance", "bench_guidance.py",
-              "python benchmarks/bench_guidance.py --subjects striped-circle striped-diamond checkered-square",
-              summary_guidance, image="guidance-striped-circle.png",
-              note="Committed as guidance-a (a second run, guidance-b, measured the dotted triangle and the "
-                   "split hexagon; see docs/world.md).",
-              see="[world.md](world.md#what-world-v1-taught-us)"),
-    Benchmark("ceiling", "bench_ceiling.py",
-              "STEPS=300 python benchmarks/bench_ceiling.py SUBJECT ...",
-              summary_ceiling, image="ceiling-striped-circle.png",
-              note="Four runs added to one file, which bench_ceiling.py names fine-tune-ceiling-300.json, made "
-                   "with its earlier form, tools/experiments/fine_tune_ceiling.py (commit 9c27049): the default "
-                   "methods (dreambooth, custom-diffusion) on striped-circle, checkered-square and "
-                   "two-tone-heart; `METHODS=custom-diffusion` on the other subjects and striped-circle again; "
-                   "`METHODS=custom-diffusion-kv-only,textual-inversion` on striped-circle. The table is built "
-                   "from the JSON: the share of identifier-prompt images in which the subject is detected "
-                   "(4 seeds), and where measured the same on class prompts.",
-              see="[world.md](world.md#what-world-v1-taught-us)"),
-    Benchmark("attention", "bench_attention.py", "python benchmarks/bench_attention.py --quick",
-              summary_attention, image="attention-render.png",
-              see="[world.md](world.md#what-world-v1-taught-us)"),
-    Benchmark("precision", "bench_precision.py", "python benchmarks/bench_precision.py --quick",
-              summary_precision),
-    Benchmark("multi", "bench_multi.py", "python benchmarks/bench_multi.py --quick", summary_multi,
-              image="multi-2.png"),
-    Benchmark("paper", "bench_paper.py", "python benchmarks/bench_paper.py --fast", summary_paper,
-              image="paper/fig7-2-subjects.png"),
+    Benchmark(
+        "world",
+        "bench_world.py",
+        "python benchmarks/bench_world.py --quick",
+        summary_world,
+        see="[world.md](world.md#world-v1-as-shipped)",
+    ),
+    Benchmark(
+        "ingredients",
+        "bench_ingredients.py",
+        "python benchmarks/bench_ingredients.py",
+        summary_ingredients,
+        image="ingredients-model.png",
+        see="[world.md](world.md#what-world-v1-taught-us)",
+    ),
+    Benchmark(
+        "concepts",
+        "bench_concepts.py",
+        "python benchmarks/bench_concepts.py --steps 150 --sparsity 0.01 0.05 --seeds 2",
+        summary_concepts,
+        image="concepts-smiling-star.png",
+        see="[world.md](world.md#what-world-v1-taught-us)",
+    ),
+    Benchmark(
+        "guidance",
+        "bench_guidance.py",
+        "python benchmarks/bench_guidance.py --subjects striped-circle striped-diamond checkered-square",
+        summary_guidance,
+        image="guidance-striped-circle.png",
+        note="Committed as guidance-a (a second run, guidance-b, measured the dotted triangle and the "
+        "split hexagon; see docs/world.md).",
+        see="[world.md](world.md#what-world-v1-taught-us)",
+    ),
+    Benchmark(
+        "ceiling",
+        "bench_ceiling.py",
+        "STEPS=300 python benchmarks/bench_ceiling.py SUBJECT ...",
+        summary_ceiling,
+        image="ceiling-striped-circle.png",
+        note="Four runs added to one file, which bench_ceiling.py names fine-tune-ceiling-300.json, made "
+        "with its earlier form, tools/experiments/fine_tune_ceiling.py (commit 9c27049): the default "
+        "methods (dreambooth, custom-diffusion) on striped-circle, checkered-square and "
+        "two-tone-heart; `METHODS=custom-diffusion` on the other subjects and striped-circle again; "
+        "`METHODS=custom-diffusion-kv-only,textual-inversion` on striped-circle. The table is built "
+        "from the JSON: the share of identifier-prompt images in which the subject is detected "
+        "(4 seeds), and where measured the same on class prompts.",
+        see="[world.md](world.md#what-world-v1-taught-us)",
+    ),
+    Benchmark(
+        "attention",
+        "bench_attention.py",
+        "python benchmarks/bench_attention.py --quick",
+        summary_attention,
+        image="attention-render.png",
+        see="[world.md](world.md#what-world-v1-taught-us)",
+    ),
+    Benchmark(
+        "precision", "bench_precision.py", "python benchmarks/bench_precision.py --quick", summary_precision
+    ),
+    Benchmark(
+        "multi",
+        "bench_multi.py",
+        "python benchmarks/bench_multi.py --quick",
+        summary_multi,
+        image="multi-2.png",
+    ),
+    Benchmark(
+        "paper",
+        "bench_paper.py",
+        "python benchmarks/bench_paper.py --fast",
+        summary_paper,
+        image="paper/fig7-2-subjects.png",
+    ),
     Benchmark("storage", "bench_storage.py", "python benchmarks/bench_storage.py", summary_storage),
-    Benchmark("switching", "bench_switching.py", "python benchmarks/bench_switching.py --quick",
-              summary_switching),
-    Benchmark("gpu_check", "gpu_check.py", "python benchmarks/gpu_check.py", summary_gpu_check,
-              note="Run on a borrowed GPU machine; see docs/training.md."),
-    Benchmark("train-precision", "bench_train_precision.py", "python benchmarks/bench_train_precision.py",
-              summary_train_precision, see="[training.md](training.md)"),
-    Benchmark("world-v2", "bench_world_v2.py",
-              "python benchmarks/bench_world_v2.py --model M/sd --clip M/clip", None,
-              see="[world.md](world.md#world-v2-under-construction)"),
+    Benchmark(
+        "switching", "bench_switching.py", "python benchmarks/bench_switching.py --quick", summary_switching
+    ),
+    Benchmark(
+        "gpu_check",
+        "gpu_check.py",
+        "python benchmarks/gpu_check.py",
+        summary_gpu_check,
+        note="Run on a borrowed GPU machine; see docs/training.md.",
+    ),
+    Benchmark(
+        "train-precision",
+        "bench_train_precision.py",
+        "python benchmarks/bench_train_precision.py",
+        summary_train_precision,
+        see="[training.md](training.md)",
+    ),
+    Benchmark(
+        "world-v2",
+        "bench_world_v2.py",
+        "python benchmarks/bench_world_v2.py --model M/sd --clip M/clip",
+        None,
+        see="[world.md](world.md#world-v2-under-construction)",
+    ),
     Benchmark("cli-start", "bench_cli_start.py", "python benchmarks/bench_cli_start.py", None),
-    Benchmark("outside", "bench_outside.py",
-              "python benchmarks/bench_outside.py --model M/sd --clip M/clip", None,
-              see="[world.md](world.md#world-v2-under-construction)"),
+    Benchmark(
+        "outside",
+        "bench_outside.py",
+        "python benchmarks/bench_outside.py --model M/sd --clip M/clip",
+        None,
+        see="[world.md](world.md#world-v2-under-construction)",
+    ),
 )
 
 
@@ -364,14 +435,18 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/results.md would change")
     args = parser.parse_args(argv)
     text = render()
     if args.check:
         if not OUTPUT.exists() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT.relative_to(ROOT)} is out of date; run: python benchmarks/make_results.py",
-                  file=sys.stderr)
+            print(
+                f"{OUTPUT.relative_to(ROOT)} is out of date; run: python benchmarks/make_results.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)

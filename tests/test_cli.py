@@ -20,8 +20,22 @@ def photos(tmp_path):
 
 
 def find(args, tiny_pipe_path, tmp_path):
-    return main(["find", "--model", tiny_pipe_path, "--steps", "3", "--num-class-images", "2", "--batch-size", "1",
-                 "--cache-dir", str(tmp_path / "cache"), *args])
+    return main(
+        [
+            "find",
+            "--model",
+            tiny_pipe_path,
+            "--steps",
+            "3",
+            "--num-class-images",
+            "2",
+            "--batch-size",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *args,
+        ]
+    )
 
 
 def test_help_lists_the_commands(capsys):
@@ -34,8 +48,27 @@ def test_help_lists_the_commands(capsys):
 
 def test_find_then_generate(tiny_pipe_path, photos, tmp_path, capsys):
     out = str(tmp_path / "dog.cones")
-    assert find(["--images", photos, "--token", "sks", "--class-word", "dog", "--out", out,
-                 "--class-guidance", "3", "--format", "json"], tiny_pipe_path, tmp_path) == 0
+    assert (
+        find(
+            [
+                "--images",
+                photos,
+                "--token",
+                "sks",
+                "--class-word",
+                "dog",
+                "--out",
+                out,
+                "--class-guidance",
+                "3",
+                "--format",
+                "json",
+            ],
+            tiny_pipe_path,
+            tmp_path,
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     concept = ConceptNeurons.load(out)
     assert concept.token == "sks" and concept.class_word == "dog"
@@ -49,12 +82,45 @@ def test_find_then_generate(tiny_pipe_path, photos, tmp_path, capsys):
     assert objective["subject_prompts"] == ["a sks dog"] and objective["class_prompts"] == ["a dog"]
 
     images = str(tmp_path / "images")
-    assert main(["generate", "--model", tiny_pipe_path, "--concept", out, "--seeds", "0", "1", "--steps", "2",
-                 "a sks dog", "--out", images]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                tiny_pipe_path,
+                "--concept",
+                out,
+                "--seeds",
+                "0",
+                "1",
+                "--steps",
+                "2",
+                "a sks dog",
+                "--out",
+                images,
+            ]
+        )
+        == 0
+    )
     assert sorted(os.listdir(images)) == ["grid.png", "prompt0-seed0.png", "prompt0-seed1.png"]
     # a second run refuses to overwrite the images
-    assert main(["generate", "--model", tiny_pipe_path, "--seeds", "0", "--steps", "2", "a sks dog",
-                 "--out", images]) == 1
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                tiny_pipe_path,
+                "--seeds",
+                "0",
+                "--steps",
+                "2",
+                "a sks dog",
+                "--out",
+                images,
+            ]
+        )
+        == 1
+    )
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -72,8 +138,14 @@ def test_find_resuming_another_search_is_one_clear_line(tiny_pipe_path, photos, 
 def test_find_refuses_to_overwrite_before_searching(tiny_pipe_path, photos, tmp_path, capsys):
     out = tmp_path / "dog.cones"
     out.write_bytes(b"precious")
-    assert find(["--images", photos, "--token", "sks", "--class-word", "dog", "--out", str(out)],
-                tiny_pipe_path, tmp_path) == 1
+    assert (
+        find(
+            ["--images", photos, "--token", "sks", "--class-word", "dog", "--out", str(out)],
+            tiny_pipe_path,
+            tmp_path,
+        )
+        == 1
+    )
     assert out.read_bytes() == b"precious"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0]
@@ -91,8 +163,10 @@ def test_find_bad_input_is_one_clear_line(tiny_pipe_path, photos, tmp_path, caps
     (tmp_path / "empty").mkdir()
     args = {"--images": photos, "--token": "sks", "--class-word": "dog", "--out": str(tmp_path / "x.cones")}
     args.update(change)
-    args = {k: (str(tmp_path / "empty") if v == "EMPTY" else str(tmp_path / "nope") if v == "MISSING" else v)
-            for k, v in args.items()}
+    args = {
+        k: (str(tmp_path / "empty") if v == "EMPTY" else str(tmp_path / "nope") if v == "MISSING" else v)
+        for k, v in args.items()
+    }
     argv = [x for kv in args.items() for x in kv]
     model = args.pop("--model", tiny_pipe_path)
     assert main(["find", "--model", model, "--steps", "2", "--num-class-images", "2", *argv]) == 1
@@ -133,7 +207,31 @@ def test_the_base_model_on_disk_is_never_modified(tiny_pipe_path, photos, tmp_pa
 
     before = fingerprint()
     out = str(tmp_path / "c.cones")
-    assert find(["--images", photos, "--token", "sks", "--class-word", "dog", "--out", out], tiny_pipe_path, tmp_path) == 0
-    assert main(["generate", "--model", tiny_pipe_path, "--concept", out, "--seeds", "0", "--steps", "2", "a sks dog",
-                 "--out", str(tmp_path / "img")]) == 0
+    assert (
+        find(
+            ["--images", photos, "--token", "sks", "--class-word", "dog", "--out", out],
+            tiny_pipe_path,
+            tmp_path,
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                tiny_pipe_path,
+                "--concept",
+                out,
+                "--seeds",
+                "0",
+                "--steps",
+                "2",
+                "a sks dog",
+                "--out",
+                str(tmp_path / "img"),
+            ]
+        )
+        == 0
+    )
     assert fingerprint() == before

@@ -69,7 +69,9 @@ def test_shifted_views_move_the_image_by_the_shift_and_repeat_its_edges():
     by_hand = np.pad(pixels.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
     for view, (dx, dy) in zip(views, ((0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)), strict=True):
         assert np.array_equal(view.numpy(), by_hand[..., 2 + dy : 8 + dy, 2 + dx : 8 + dx])
-    assert torch.equal(views[1][..., 2:], pixels[..., :-2])  # the content moved right, the left column repeated
+    assert torch.equal(
+        views[1][..., 2:], pixels[..., :-2]
+    )  # the content moved right, the left column repeated
     assert torch.equal(views[1][..., 0], pixels[..., 0])
     assert shifted_views(pixels, 0) == [pixels]
 
@@ -84,8 +86,12 @@ def test_grid_shifts_embed_the_mean_of_the_shifted_images(scorer):
     shift = scorer.model.config.vision_config.patch_size // 4
     padded = np.pad(image, ((shift, shift), (shift, shift), (0, 0)), mode="edge")
     h, w = image.shape[:2]
-    moved = [Image.fromarray(np.ascontiguousarray(padded[shift + dy : shift + dy + h, shift + dx : shift + dx + w]))
-             for dx, dy in ((0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift))]
+    moved = [
+        Image.fromarray(
+            np.ascontiguousarray(padded[shift + dy : shift + dy + h, shift + dx : shift + dx + w])
+        )
+        for dx, dy in ((0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift))
+    ]
     by_hand = torch.nn.functional.normalize(scorer.images(moved).sum(0), dim=-1)
     together = scorer.images([Image.fromarray(image)], grid_shifts=True)[0]
     assert torch.allclose(together, by_hand, atol=1e-5)
@@ -322,7 +328,9 @@ def test_world_prompts_use_only_the_world_vocabulary():
             assert set(prompt.replace(",", " , ").split()) <= known, prompt
     assert unknown_words(["a sks dog in the snow"], known) == ["dog", "in", "the", "snow"]
     assert unknown_words(training_captions(50), known) == []
-    assert not any(t in c.split() for c in training_captions(200) for t in ("sks", "xqz", "vlt", "pqm", "zrb"))
+    assert not any(
+        t in c.split() for c in training_captions(200) for t in ("sks", "xqz", "vlt", "pqm", "zrb")
+    )
 
 
 def test_composition_prompts_name_every_subject_once_in_world_words():

@@ -206,7 +206,9 @@ def test_float16_subject_concepts_are_loss_scaled(tiny_pipe_path, tmp_path, monk
 
     seen = []  # scales the gradients were divided by: the search's hook went through LossScaled
     unscale = LossScaled.unscale
-    monkeypatch.setattr(LossScaled, "unscale", lambda self, grads: seen.append(self.scale) or unscale(self, grads))
+    monkeypatch.setattr(
+        LossScaled, "unscale", lambda self, grads: seen.append(self.scale) or unscale(self, grads)
+    )
     subjects = read_subject_folders(write_subjects(str(tmp_path / "subjects")))[:1]
     half = load_pipeline(tiny_pipe_path, dtype=torch.float16)
     find_each(half, subjects, str(tmp_path / "a"), folder_config(2))
@@ -221,7 +223,9 @@ def test_report_of_a_folder_in_one_process(tiny_pipe_path, tmp_path, monkeypatch
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     subjects = read_subject_folders(write_subjects(str(tmp_path / "subjects")))
     pipe, out, cache = load_pipeline(tiny_pipe_path), str(tmp_path / "out"), str(tmp_path / "cache")
-    report = json.loads(json.dumps(find_each(pipe, subjects, out, folder_config(2), cache_dir=cache).to_dict()))
+    report = json.loads(
+        json.dumps(find_each(pipe, subjects, out, folder_config(2), cache_dir=cache).to_dict())
+    )
     assert report["processes"] == 1 and len(report["written"]) == 3
     assert [s["name"] for s in report["searched"]] == ["cat", "dog", "mug"]
     again = find_each(pipe, subjects, out, folder_config(2), cache_dir=cache)
@@ -242,7 +246,11 @@ def free_port() -> int:
 
 def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a launcher in its own process group; on a timeout the whole group (its workers too) is killed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
@@ -305,7 +313,9 @@ def folder_worker(subjects: str, out: str, model: str) -> None:
     rank, _ = init_distributed("cpu")
     pipe = load_pipeline(model)
     cache = os.path.join(os.path.dirname(out), "cache")
-    found = find_each(pipe, read_subject_folders(subjects), out, folder_config(3), mode="batch", cache_dir=cache)
+    found = find_each(
+        pipe, read_subject_folders(subjects), out, folder_config(3), mode="batch", cache_dir=cache
+    )
     if rank == 0:
         print(json.dumps(found.to_dict(), indent=2))
 
@@ -351,7 +361,11 @@ def test_two_processes_give_the_one_process_concepts(tiny_pipe_path, tmp_path):
     assert [[os.path.basename(p) for p in w] for w in written] == [["cat.cones", "mug.cones"], ["dog.cones"]]
     cache = os.path.join(workdir, "cache")
     alone = find_each(
-        load_pipeline(tiny_pipe_path), subjects, os.path.join(workdir, "one"), folder_config(3), cache_dir=cache
+        load_pipeline(tiny_pipe_path),
+        subjects,
+        os.path.join(workdir, "one"),
+        folder_config(3),
+        cache_dir=cache,
     ).written
     for path in alone:
         with open(path, "rb") as a, open(os.path.join(workdir, "two", os.path.basename(path)), "rb") as b:
@@ -371,7 +385,9 @@ def test_accelerate_launch_of_a_folder_in_the_batch_mode(tiny_pipe_path, tmp_pat
     assert report["processes"] == 2 and len(report["written"]) == 3 and len(report["searched"]) == 3
     # One process, the same global batch: float32, so compare by overlap rather than bit for bit.
     pipe, cache = load_pipeline(tiny_pipe_path), str(tmp_path / "cache")
-    found = find_each(pipe, read_subject_folders(subjects), str(tmp_path / "one"), folder_config(3), cache_dir=cache)
+    found = find_each(
+        pipe, read_subject_folders(subjects), str(tmp_path / "one"), folder_config(3), cache_dir=cache
+    )
     assert len(found.written) == 3
     for name in ("cat", "dog", "mug"):
         one = ConceptNeurons.load(str(tmp_path / "one" / f"{name}.cones"))

@@ -85,8 +85,9 @@ def test_every_benchmark_has_a_section():
 
 def test_results_folder_holds_canonical_files_only():
     try:
-        run = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            ["git", "ls-files", "benchmarks/results"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     benchmarks = make_results().BENCHMARKS
@@ -94,5 +95,7 @@ def test_results_folder_holds_canonical_files_only():
     allowed |= {b.image for b in benchmarks if b.image} | {"demo-smiling-star.png"}
     tracked = {line.removeprefix("benchmarks/results/") for line in run.stdout.splitlines()}
     extra = sorted(tracked - allowed)
-    assert not extra, (f"benchmarks/results/ keeps one result per benchmark, named by it; not canonical: {extra} "
-                       "(add the benchmark to benchmarks/make_results.py, or leave run variants uncommitted)")
+    assert not extra, (
+        f"benchmarks/results/ keeps one result per benchmark, named by it; not canonical: {extra} "
+        "(add the benchmark to benchmarks/make_results.py, or leave run variants uncommitted)"
+    )

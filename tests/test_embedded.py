@@ -26,7 +26,9 @@ def test_stable_diffusion_pipeline_loads_it_offline(monkeypatch):
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red star on a sea background", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red star on a sea background", num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
     assert pipe.tokenizer.tokenize("a sks circle") == ["a</w>", "sks</w>", "circle</w>"]
 
@@ -53,8 +55,19 @@ def test_training_code_runs_every_phase_and_exports(tmp_path):
 
     from cones_world.train import TrainConfig, train
 
-    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=48, workers=1, vae_steps=2, vae_batch=4,
-                      unet_steps=2, unet_batch=4, clip_steps=2, clip_batch=8, checkpoint_every=1)
+    cfg = TrainConfig(
+        out=str(tmp_path),
+        device="cpu",
+        pool_size=48,
+        workers=1,
+        vae_steps=2,
+        vae_batch=4,
+        unet_steps=2,
+        unet_batch=4,
+        clip_steps=2,
+        clip_batch=8,
+        checkpoint_every=1,
+    )
     report = train(cfg)
     assert set(report["seconds"]) >= {"render", "vae", "unet", "clip"}
     # the pool's latents are kept for a resumed run, under the fingerprint of the VAE that made them
@@ -86,10 +99,21 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
     from cones_world import models
     from cones_world.train import TrainConfig, train
 
-    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, unet_steps=2, unet_batch=4,
-                      init_from=world.model_path(), text_encoder_from=world.clip_path(), checkpoint_every=1)
+    cfg = TrainConfig(
+        out=str(tmp_path),
+        device="cpu",
+        pool_size=16,
+        workers=1,
+        unet_steps=2,
+        unet_batch=4,
+        init_from=world.model_path(),
+        text_encoder_from=world.clip_path(),
+        checkpoint_every=1,
+    )
     # the shipped diffusion tokenizer already in `out` (as tools/train_world_on_gpu.sh puts it) gives way
-    CLIPTokenizer.from_pretrained(world.model_path(), subfolder="tokenizer").save_pretrained(tmp_path / "tokenizer")
+    CLIPTokenizer.from_pretrained(world.model_path(), subfolder="tokenizer").save_pretrained(
+        tmp_path / "tokenizer"
+    )
     train(cfg, ("unet",))
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tmp_path, "sd"))
     tower = CLIPTextModel.from_pretrained(world.clip_path(), torch_dtype=torch.float32).state_dict()
@@ -99,10 +123,14 @@ def test_a_unet_phase_can_read_a_frozen_clip_text_tower(tmp_path):
     assert pipe.tokenizer.get_vocab().items() <= clip_vocab.items()  # the tower's ids, fewer words
     assert len(pipe.tokenizer.tokenize("stripes")) > 1 and pipe.tokenizer.tokenize("circle") == ["circle</w>"]
     assert pipe.tokenizer.model_max_length == models.MAX_TOKENS
-    slow = CLIPTokenizer(vocab=str(tmp_path / "sd" / "tokenizer" / "vocab.json"),
-                         merges=str(tmp_path / "sd" / "tokenizer" / "merges.txt"))
+    slow = CLIPTokenizer(
+        vocab=str(tmp_path / "sd" / "tokenizer" / "vocab.json"),
+        merges=str(tmp_path / "sd" / "tokenizer" / "merges.txt"),
+    )
     for text in ("a sks circle with white stripes", "a big red star next to a blue square"):
-        assert slow(text).input_ids == pipe.tokenizer(text).input_ids  # the BPE files agree with tokenizer.json
+        assert (
+            slow(text).input_ids == pipe.tokenizer(text).input_ids
+        )  # the BPE files agree with tokenizer.json
     shipped = StableDiffusionPipeline.from_pretrained(world.model_path()).unet.state_dict()
     assert not all(torch.equal(shipped[k], v) for k, v in pipe.unet.state_dict().items())  # the UNet learned
 
@@ -114,14 +142,25 @@ def test_a_clip_can_learn_the_diffusion_captions_alone(tmp_path):
 
     from cones_world.train import TrainConfig, train
 
-    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=16, workers=1, clip_steps=2, clip_batch=8,
-                      clip_captions="diffusion", init_from=world.model_path())
+    cfg = TrainConfig(
+        out=str(tmp_path),
+        device="cpu",
+        pool_size=16,
+        workers=1,
+        clip_steps=2,
+        clip_batch=8,
+        clip_captions="diffusion",
+        init_from=world.model_path(),
+    )
     train(cfg, ("clip",))
     clip = tmp_path / "clip"
     vocab = CLIPTokenizer.from_pretrained(clip).get_vocab()
     assert vocab == CLIPTokenizer.from_pretrained(world.model_path(), subfolder="tokenizer").get_vocab()
     assert "stripes</w>" not in vocab and "sks</w>" in vocab
-    with open(clip / "vocab.json") as a, open(os.path.join(world.model_path(), "tokenizer", "vocab.json")) as b:
+    with (
+        open(clip / "vocab.json") as a,
+        open(os.path.join(world.model_path(), "tokenizer", "vocab.json")) as b,
+    ):
         assert a.read() == b.read()
     assert CLIPModel.from_pretrained(clip).config.text_config.hidden_size == 192
     with pytest.raises(ValueError, match="--clip-captions 'both' is not one of 'detailed', 'diffusion'"):
@@ -172,7 +211,9 @@ def test_the_probe_finds_the_one_direction_that_separates_two_classes():
 
     def sample(n, shift):
         x = torch.randn(n, 16, generator=g) * torch.linspace(0.5, 3.0, 16)  # loud dimensions everywhere
-        x[:, 5] = torch.randn(n, generator=g) * 0.3 + shift  # ... and a quiet one that tells the classes apart
+        x[:, 5] = (
+            torch.randn(n, generator=g) * 0.3 + shift
+        )  # ... and a quiet one that tells the classes apart
         return x
 
     mean, scale, weight, bias = fit_probe(sample(300, 1.0), sample(300, 0.0))
@@ -188,7 +229,9 @@ def test_the_threshold_splits_two_separated_sets_in_the_middle_of_their_gap():
     from cones_world.concepts import best_threshold
 
     assert best_threshold(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.5
-    assert best_threshold(np.array([0.0, 1.0, 3.0]), np.array([-1.0])) == -0.5  # everything above a lone negative
+    assert (
+        best_threshold(np.array([0.0, 1.0, 3.0]), np.array([-1.0])) == -0.5
+    )  # everything above a lone negative
     # Overlapping sets: the split with the best balanced accuracy (here 5/6), halfway between two scores.
     assert best_threshold(np.array([1.5, 2.0, 3.0]), np.array([0.0, 1.0, 2.5])) == 1.25
 
@@ -220,7 +263,8 @@ def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_the
     decoded = through_vae(vae, renders, batch=2)  # two batches
     assert [im.size for im in decoded] == [im.size for im in renders]
     difference = [
-        np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(renders, decoded, strict=True)
+        np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
+        for a, b in zip(renders, decoded, strict=True)
     ]
     assert all(0 < d < 25 for d in difference)  # close to the render, but not the render itself
 
@@ -258,7 +302,9 @@ def test_a_cached_detector_is_read_back_whole_and_only_for_the_same_inputs(tmp_p
     with pytest.raises(AssertionError, match="refitted"):  # other sizes, another subject, no VAE: a new key
         concepts.subject_detector(scorer, subject, n=8, n_fit=32, vae=vae, cache_dir=str(tmp_path))
     with pytest.raises(AssertionError, match="refitted"):
-        concepts.subject_detector(scorer, SUBJECTS["smiling-star"], n=8, n_fit=24, vae=vae, cache_dir=str(tmp_path))
+        concepts.subject_detector(
+            scorer, SUBJECTS["smiling-star"], n=8, n_fit=24, vae=vae, cache_dir=str(tmp_path)
+        )
     with pytest.raises(AssertionError, match="refitted"):
         concepts.subject_detector(scorer, subject, n=8, n_fit=24, cache_dir=str(tmp_path))
     with torch.no_grad():  # another VAE
@@ -283,8 +329,15 @@ def test_a_continued_model_keeps_its_vocabulary(tmp_path):
 def test_exporting_a_run_that_never_trained_the_unet_says_so(tmp_path):
     from cones_world.train import TrainConfig, train
 
-    cfg = TrainConfig(out=str(tmp_path), device="cpu", pool_size=8, workers=1, vae_steps=1, vae_batch=4,
-                      init_from=os.path.join(world.WEIGHTS, "sd"))
+    cfg = TrainConfig(
+        out=str(tmp_path),
+        device="cpu",
+        pool_size=8,
+        workers=1,
+        vae_steps=1,
+        vae_batch=4,
+        init_from=os.path.join(world.WEIGHTS, "sd"),
+    )
     with pytest.raises(FileNotFoundError, match="no UNet checkpoint to export.*--out of a run"):
         train(cfg, ("export",))
 
@@ -306,9 +359,18 @@ def test_decoded_images_keep_their_own_captions():
 def test_the_clip_phase_can_see_decoded_images_and_caches_them(tmp_path, monkeypatch):
     from cones_world import train as training
 
-    cfg = training.TrainConfig(out=str(tmp_path), device="cpu", pool_size=12, workers=1, clip_steps=1, clip_batch=4,
-                               clip_decoded_share=0.5, clip_decoded_pool=6, init_from=os.path.join(world.WEIGHTS, "sd"),
-                               clip_init_from=os.path.join(world.WEIGHTS, "clip"))
+    cfg = training.TrainConfig(
+        out=str(tmp_path),
+        device="cpu",
+        pool_size=12,
+        workers=1,
+        clip_steps=1,
+        clip_batch=4,
+        clip_decoded_share=0.5,
+        clip_decoded_pool=6,
+        init_from=os.path.join(world.WEIGHTS, "sd"),
+        clip_init_from=os.path.join(world.WEIGHTS, "clip"),
+    )
     training.train(cfg, ("clip",))
     (cache,) = [f for f in os.listdir(tmp_path) if f.startswith("decoded-6-")]
     decoded = torch.load(os.path.join(tmp_path, cache))

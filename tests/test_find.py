@@ -18,7 +18,9 @@ def test_class_images_follow_the_class_guidance_and_are_cached_per_guidance(tiny
 
     def objective(guidance):
         config = FindConfig(num_class_images=2, batch_size=1, class_guidance=guidance)
-        return concept_objective(tiny_pipe, subject, token="sks", class_word="dog", config=config, cache_dir=cache)
+        return concept_objective(
+            tiny_pipe, subject, token="sks", class_word="dog", config=config, cache_dir=cache
+        )
 
     low, high, again = objective(1.0), objective(9.0), objective(1.0)
     assert len(os.listdir(cache)) == 2  # one entry per guidance; the repeat read the cache
@@ -37,12 +39,21 @@ def test_default_loss_scale_is_for_float16_only():
 
 @pytest.mark.parametrize(
     "dtype, loss_scale, expected",
-    [(torch.float16, None, 1024.0), (torch.float16, 1.0, None), (torch.float32, None, None), (torch.float32, 4.0, 4.0)],
+    [
+        (torch.float16, None, 1024.0),
+        (torch.float16, 1.0, None),
+        (torch.float32, None, None),
+        (torch.float32, 4.0, 4.0),
+    ],
 )
-def test_find_concept_scales_the_loss_of_a_float16_search(tiny_pipe, monkeypatch, dtype, loss_scale, expected):
+def test_find_concept_scales_the_loss_of_a_float16_search(
+    tiny_pipe, monkeypatch, dtype, loss_scale, expected
+):
     seen = []  # the scale of every unscaled gradient list: the search's gradient hook went through LossScaled
     unscale = LossScaled.unscale
-    monkeypatch.setattr(LossScaled, "unscale", lambda self, grads: seen.append(self.scale) or unscale(self, grads))
+    monkeypatch.setattr(
+        LossScaled, "unscale", lambda self, grads: seen.append(self.scale) or unscale(self, grads)
+    )
     pipe = tiny_pipe.to(dtype)
     size = model_resolution(pipe)
     subject = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))

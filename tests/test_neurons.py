@@ -358,7 +358,9 @@ def test_switching_edits_sd_sized_weights_in_place_and_keeps_only_the_shut_value
     assert concept.sparsity == pytest.approx(sparsity, rel=1e-3)
     for name, p in kv.named_parameters():
         assert p.data_ptr() == storage[name]
-        assert torch.equal(p.detach().view(-1)[concept.indices[name]], torch.zeros(concept.indices[name].numel()))
+        assert torch.equal(
+            p.detach().view(-1)[concept.indices[name]], torch.zeros(concept.indices[name].numel())
+        )
     concept.remove(kv)
     assert _REGISTRY_ATTR not in kv.__dict__
     assert all(torch.equal(p, before[n]) and p.data_ptr() == storage[n] for n, p in kv.named_parameters())

@@ -210,7 +210,11 @@ def test_per_image_prompts_pair_each_image_with_its_own_prompt(tiny_pipe):
     images = torch.linspace(-1, 1, 3 * 3 * 16 * 16).reshape(3, 3, 16, 16)
     prompts = ["a sks dog", "a sks cat", "a sks mug"]
     objective = ConceptObjective.from_pipeline(
-        tiny_pipe, images, token="sks", class_word="dog", subject_prompts=prompts,
+        tiny_pipe,
+        images,
+        token="sks",
+        class_word="dog",
+        subject_prompts=prompts,
         config=ObjectiveConfig(batch_size=8, seed=3),
     )
     batch = objective.draw(0)
@@ -218,4 +222,6 @@ def test_per_image_prompts_pair_each_image_with_its_own_prompt(tiny_pipe):
         image = next(i for i in range(3) if torch.equal(objective.subject_latents[i], batch.latents[row]))
         assert torch.equal(batch.prompt_embeds[row], objective.subject_embeds[image])
     with pytest.raises(ValueError, match="one prompt per image"):
-        ConceptObjective.from_pipeline(tiny_pipe, images, token="sks", class_word="dog", subject_prompts=prompts[:2])
+        ConceptObjective.from_pipeline(
+            tiny_pipe, images, token="sks", class_word="dog", subject_prompts=prompts[:2]
+        )

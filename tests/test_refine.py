@@ -223,7 +223,9 @@ def test_multi_objective_is_the_sum_of_independently_seeded_subject_losses(tiny_
     config = FindConfig(batch_size=2, num_class_images=4, seed=5)
     subjects = [
         SubjectImages(images(3, 1), "sks", "dog", class_prompts=["a dog", "a red dog"]),
-        SubjectImages(images(2, 2), "xqz", "cat", class_pictures=[Image.new("RGB", (16, 16), (200, 0, 0))] * 2),
+        SubjectImages(
+            images(2, 2), "xqz", "cat", class_pictures=[Image.new("RGB", (16, 16), (200, 0, 0))] * 2
+        ),
     ]
     total = multi_objective(tiny_pipe, subjects, config)
     dog, cat = total.objectives

@@ -239,7 +239,8 @@ def test_sparsity_takes_the_top_scores_jointly(sparsity):
     g = torch.Generator().manual_seed(1)
     shapes = {"a.weight": (8, 12), "b.weight": (16, 12), "c.weight": (5,)}
     scores = {
-        name: torch.randn(shape, generator=g).abs() * (i + 1) for i, (name, shape) in enumerate(shapes.items())
+        name: torch.randn(shape, generator=g).abs() * (i + 1)
+        for i, (name, shape) in enumerate(shapes.items())
     }
     concept = ConceptNeurons.from_mask(select_neurons(scores, sparsity=sparsity))
     total = sum(math.prod(s) for s in shapes.values())
@@ -558,7 +559,6 @@ def test_checkpoint_of_another_search_or_model_is_refused(tiny_pipe, tmp_path):
         )
 
 
-
 def test_checkpoint_of_another_objective_is_refused_and_the_objective_is_recorded(tiny_pipe, tmp_path):
     unet, path = tiny_pipe.unet, str(tmp_path / "search.safetensors")
     kwargs = dict(steps=2, lr=1e-3, sparsity=0.05, disable=True, checkpoint_path=path)
@@ -577,7 +577,9 @@ def test_checkpoint_of_another_objective_is_refused_and_the_objective_is_recorde
     other_pictures = ConceptObjective.from_pipeline(
         tiny_pipe, images(3, seed=7), token="sks", class_word="dog", class_images=images(4, seed=2)
     )
-    with pytest.raises(SearchError, match=r"another search \(objective: data '[0-9a-f]{16}' vs '[0-9a-f]{16}'\)"):
+    with pytest.raises(
+        SearchError, match=r"another search \(objective: data '[0-9a-f]{16}' vs '[0-9a-f]{16}'\)"
+    ):
         find_concept_neurons(other_pictures, unet, **kwargs)
 
 

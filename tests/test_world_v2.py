@@ -47,10 +47,17 @@ def test_colours_between_the_words_are_named_by_the_nearest():
 
 
 def test_a_caption_names_ingredients_but_never_their_geometry():
-    thing = Thing("circle", (200, 35, 70), Pattern("stripes", (250, 238, 200), angle=30, count=4),
-                  face=Face("smile"), hat=Hat((20, 20, 200), (250, 250, 0), "top"))
+    thing = Thing(
+        "circle",
+        (200, 35, 70),
+        Pattern("stripes", (250, 238, 200), angle=30, count=4),
+        face=Face("smile"),
+        hat=Hat((20, 20, 200), (250, 250, 0), "top"),
+    )
     full = thing_phrase(thing)
-    assert full == "a big red circle with white stripes with a smiling face wearing a blue top hat with a band"
+    assert (
+        full == "a big red circle with white stripes with a smiling face wearing a blue top hat with a band"
+    )
     rng = random.Random(0)
     texts = [thing_phrase(thing, rng) for _ in range(400)]
     for word in ("stripes", "face", "hat", "red", "white", "band", "smiling", "top"):
@@ -173,10 +180,16 @@ def test_a_clip_warm_start_maps_rows_by_token(tmp_path):
     clip = warm_start_clip(build_clip(tokenizer), clip_path(), tokenizer)
     old = CLIPModel.from_pretrained(clip_path(), torch_dtype=torch.float32)
     old_ids = CLIPTokenizer.from_pretrained(clip_path()).get_vocab()
-    rows, old_rows = clip.text_model.embeddings.token_embedding.weight, old.text_model.embeddings.token_embedding.weight
+    rows, old_rows = (
+        clip.text_model.embeddings.token_embedding.weight,
+        old.text_model.embeddings.token_embedding.weight,
+    )
     new_ids = tokenizer.get_vocab()
     assert torch.equal(rows[new_ids["stripes</w>"]], old_rows[old_ids["stripes</w>"]])
-    assert torch.equal(clip.vision_model.embeddings.patch_embedding.weight, old.vision_model.embeddings.patch_embedding.weight)
+    assert torch.equal(
+        clip.vision_model.embeddings.patch_embedding.weight,
+        old.vision_model.embeddings.patch_embedding.weight,
+    )
     assert "cyan</w>" not in old_ids and "cyan</w>" in new_ids  # a new word keeps a fresh row
 
 

@@ -59,7 +59,9 @@ def make_tiny_pipeline(tmp_dir: str, seed: int = 0) -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

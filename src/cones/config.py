@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 
 from cones import GUIDANCE_SCALE
 
-__all__ = ["DEFAULTS", "METHOD_NAMES", "MODEL_DEFAULTS_FILE", "REFINE_STEPS", "FindConfig", "ObjectiveConfig", "model_find_defaults"]
+__all__ = [
+    "DEFAULTS",
+    "METHOD_NAMES",
+    "MODEL_DEFAULTS_FILE",
+    "REFINE_STEPS",
+    "FindConfig",
+    "ObjectiveConfig",
+    "model_find_defaults",
+]
 
 MODEL_DEFAULTS_FILE = "cones.json"  # in a model's diffusers folder
 
@@ -83,7 +91,7 @@ def model_find_defaults(model_path: str | os.PathLike[str]) -> dict:
     if not isinstance(find, dict) or not set(find) <= names:
         unknown = sorted(set(find) - names) if isinstance(find, dict) else find
         raise InputError(
-            f"{path!r} sets {unknown!r}, which are not search settings; its \"find\" object may hold only "
+            f'{path!r} sets {unknown!r}, which are not search settings; its "find" object may hold only '
             f"{sorted(names)}."
         )
     return {k: tuple(v) if isinstance(v, list) else v for k, v in find.items()}

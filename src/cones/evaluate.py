@@ -34,9 +34,13 @@ class ClipScorer:
 
         path = path or default_model().clip_path
         if path is None:
-            raise FileNotFoundError("the default model has no evaluation CLIP; pass `--clip` a CLIPModel folder.")
+            raise FileNotFoundError(
+                "the default model has no evaluation CLIP; pass `--clip` a CLIPModel folder."
+            )
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"`--clip` {path!r} is not a folder; pass a transformers CLIPModel folder.")
+            raise FileNotFoundError(
+                f"`--clip` {path!r} is not a folder; pass a transformers CLIPModel folder."
+            )
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(path)
@@ -62,7 +66,9 @@ class ClipScorer:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
 
     @torch.no_grad()
-    def images(self, images: Sequence[Image.Image], batch_size: int = 64, grid_shifts: bool = False) -> torch.Tensor:
+    def images(
+        self, images: Sequence[Image.Image], batch_size: int = 64, grid_shifts: bool = False
+    ) -> torch.Tensor:
         """(n, d) normalised image embeddings.
 
         With `grid_shifts`, each is the mean over the image and four copies moved a quarter patch up, down,
@@ -78,15 +84,20 @@ class ClipScorer:
         chunks = []
         for i in range(0, len(images), batch_size):
             pixels = self.preprocess(images[i : i + batch_size]).to(self.device)
-            chunks.append(sum(normalize(embed(v), dim=-1) for v in shifted_views(pixels, shift))
-                          if grid_shifts else embed(pixels))
+            chunks.append(
+                sum(normalize(embed(v), dim=-1) for v in shifted_views(pixels, shift))
+                if grid_shifts
+                else embed(pixels)
+            )
         return normalize(torch.cat(chunks), dim=-1)
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(n, d) normalised text embeddings."""
         ids = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        feats = _features(self.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask))
+        feats = _features(
+            self.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+        )
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
@@ -199,7 +210,9 @@ def markdown(result: dict) -> str:
 def text_states(pipe, prompt: str) -> torch.Tensor:
     """(text positions, width): the text encoder's output for `prompt`, padded as the pipeline pads it."""
     tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    ids = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
     return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0][0].float()
 
 

@@ -27,14 +27,18 @@ class ImageError(InputError):
 def image_files(folder: str) -> list[str]:
     """The image files in `folder` (by extension, hidden files left out), sorted by name; [] when none."""
     return sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS) and not f.startswith(".")
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.lower().endswith(EXTENSIONS) and not f.startswith(".")
     )
 
 
 def list_images(folder: str) -> list[str]:
     """The image files in `folder`, sorted by name; `ImageError` when it is no folder or holds none."""
     if not os.path.isdir(folder):
-        raise ImageError(f"`--images` {folder!r} is not a folder; pass a folder holding 3-5 photos of the subject.")
+        raise ImageError(
+            f"`--images` {folder!r} is not a folder; pass a folder holding 3-5 photos of the subject."
+        )
     files = image_files(folder)
     if not files:
         raise ImageError(

@@ -245,7 +245,9 @@ class ConceptObjective:
             "subject_images": len(self.subject_latents),
             "class_images": 0 if self.class_latents is None else len(self.class_latents),
             "subject_prompts": list(dict.fromkeys(self.subject_prompts)),
-            "class_prompts": list(dict.fromkeys(self.class_prompts)) if self.class_latents is not None else [],
+            "class_prompts": list(dict.fromkeys(self.class_prompts))
+            if self.class_latents is not None
+            else [],
             "batch_size": cfg.batch_size,
             "prior_weight": cfg.prior_weight,
             "seed": cfg.seed,
@@ -349,7 +351,9 @@ class ConceptObjective:
         else:
             target = latents
         pred = self.unet(noisy, timesteps, embeds).sample  # (rows, C, h, w)
-        dtype = torch.promote_types(pred.dtype, torch.float32)  # reduce in float32, or float64 for float64 models
+        dtype = torch.promote_types(
+            pred.dtype, torch.float32
+        )  # reduce in float32, or float64 for float64 models
         return F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").flatten(1).mean(1)  # (rows,)
 
     def loss(self, step: int) -> torch.Tensor:
@@ -381,7 +385,10 @@ class SumObjective:
     def describe(self) -> dict:
         """The parts' descriptions, in order (a part without `describe` is named by its type)."""
         return {
-            "parts": [o.describe() if hasattr(o, "describe") else {"type": type(o).__name__} for o in self.objectives]
+            "parts": [
+                o.describe() if hasattr(o, "describe") else {"type": type(o).__name__}
+                for o in self.objectives
+            ]
         }
 
     def loss(self, step: int) -> torch.Tensor:

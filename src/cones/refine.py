@@ -81,8 +81,13 @@ def concatenate(*concepts: ConceptNeurons) -> ConceptNeurons:
     merged = union(*concepts)  # checks the shapes of shared parameter names
     parts = [part for concept in concepts for part in parts_of(concept)]
     metadata = {"combined": "concatenation", "parts": parts}
-    return ConceptNeurons(merged.indices, merged.shapes, **shared_identity(parts), metadata=metadata,
-                          base_sha256=merged.base_sha256)
+    return ConceptNeurons(
+        merged.indices,
+        merged.shapes,
+        **shared_identity(parts),
+        metadata=metadata,
+        base_sha256=merged.base_sha256,
+    )
 
 
 # -- the searches ---------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from cones_world.subjects import Subject  # or world v2's: the same interface
 
 def pictures(subject: Subject, scenes) -> list[Image.Image]:
     """Renders of `scenes` (each a scene or a (scene, ...) tuple), by the renderer of `subject`'s world."""
-    return [Image.fromarray(subject.render(scene[0] if isinstance(scene, tuple) else scene)) for scene in scenes]
+    return [
+        Image.fromarray(subject.render(scene[0] if isinstance(scene, tuple) else scene)) for scene in scenes
+    ]
 
 
 def through_vae(vae, images: list[Image.Image], batch: int = 256) -> list[Image.Image]:
@@ -50,23 +52,37 @@ def references(subject: Subject, n: int = 5) -> tuple[torch.Tensor, list[Image.I
     return to_tensor(images), images, subject.reference_prompts("{token}")
 
 
-def find_subject_concept(pipe, subject: Subject, config=None, token: str = "sks", cache_dir=None,
-                         disable: bool = True):
+def find_subject_concept(
+    pipe, subject: Subject, config=None, token: str = "sks", cache_dir=None, disable: bool = True
+):
     """`cones.find.find_concept` on a world subject: its 5 references, per-image prompts for accessories,
     its class prompts for the prior; returns the `SearchResult`."""
     from cones.find import find_concept
 
     images, _, _ = references(subject)
-    return find_concept(pipe, images, token=token, class_word=subject.class_word, config=config,
-                        subject_prompts=subject.reference_prompts(token), class_prompts=subject.prior_prompts(),
-                        cache_dir=cache_dir, disable=disable)
+    return find_concept(
+        pipe,
+        images,
+        token=token,
+        class_word=subject.class_word,
+        config=config,
+        subject_prompts=subject.reference_prompts(token),
+        class_prompts=subject.prior_prompts(),
+        cache_dir=cache_dir,
+        disable=disable,
+    )
 
 
 def subject_data(subject: Subject, token: str) -> SubjectImages:
     """A world subject as the multi-subject searches take it: references, prompts and class prompts."""
     images, _, _ = references(subject)
-    return SubjectImages(images, token, subject.class_word, subject_prompts=subject.reference_prompts(token),
-                       class_prompts=subject.prior_prompts())
+    return SubjectImages(
+        images,
+        token,
+        subject.class_word,
+        subject_prompts=subject.reference_prompts(token),
+        class_prompts=subject.prior_prompts(),
+    )
 
 
 @dataclass
@@ -89,7 +105,9 @@ class SubjectDetector:
     bias: float
     threshold: float
     auc: float
-    similarity_auc: float  # the plain detector's AUC (similarity to references minus to the class), to compare
+    similarity_auc: (
+        float  # the plain detector's AUC (similarity to references minus to the class), to compare
+    )
     decoded: bool = False  # fitted and measured on renders passed through a VAE
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -133,7 +151,12 @@ def best_threshold(positives: np.ndarray, negatives: np.ndarray) -> float:
 
 
 def subject_detector(
-    scorer: ClipScorer, subject: Subject, n: int = 200, n_fit: int = 1000, vae=None, cache_dir: str | None = None
+    scorer: ClipScorer,
+    subject: Subject,
+    n: int = 200,
+    n_fit: int = 1000,
+    vae=None,
+    cache_dir: str | None = None,
 ) -> SubjectDetector:
     """Fit the probe on `n_fit` renders of the subject and as many of its class, then set its threshold and
     measure its ROC AUC on `n` other renders of each (seeds disjoint from the fitting ones). With `vae`, every
@@ -235,7 +258,9 @@ def score_subject(
         "images": rows,
         "prompts": prompts,
         "image_alignment": image_alignment(emb, detector.references),
-        "text_alignment": float(np.mean([text_alignment(per_prompt[i], texts[i]) for i in range(len(prompts))])),
+        "text_alignment": float(
+            np.mean([text_alignment(per_prompt[i], texts[i]) for i in range(len(prompts))])
+        ),
         "subject_rate": float(detector.present(emb).float().mean()),
     }
 

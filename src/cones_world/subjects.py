@@ -82,11 +82,19 @@ class Subject:
 
     def reference_prompts(self, token: str) -> list[str] | None:
         """Per-reference prompts, for accessories (each worn by another shape); None: `prompt(token)` for all."""
-        return [self.prompt(token, carrier) for _, carrier in self.references(5)] if self.kind == "accessory" else None
+        return (
+            [self.prompt(token, carrier) for _, carrier in self.references(5)]
+            if self.kind == "accessory"
+            else None
+        )
 
     def prior_prompts(self) -> list[str]:
         """The class prompts of prior preservation."""
-        return [self.prompt(None, shape) for shape in SHAPES] if self.kind == "accessory" else [self.prompt(None)]
+        return (
+            [self.prompt(None, shape) for shape in SHAPES]
+            if self.kind == "accessory"
+            else [self.prompt(None)]
+        )
 
     def eval_prompts(self, token: str | None) -> list[str]:
         """Prompts that ask for the subject in six contexts (without `token`: the class prompts)."""
@@ -98,9 +106,13 @@ class Subject:
             bg = " ".join(self.prompt(token).split()[1:])  # "sks sea background"
             return [self.prompt(token)] + [
                 f"a {size} {colour} {shape} on a {bg}"
-                for size, colour, shape in (("big", "red", "circle"), ("small", "yellow", "star"),
-                                            ("big", "white", "square"), ("small", "green", "heart"),
-                                            ("big", "pink", "diamond"))
+                for size, colour, shape in (
+                    ("big", "red", "circle"),
+                    ("small", "yellow", "star"),
+                    ("big", "white", "square"),
+                    ("small", "green", "heart"),
+                    ("big", "pink", "diamond"),
+                )
             ]
         return [self.prompt(token, shape) for shape in SHAPES[:6]]
 

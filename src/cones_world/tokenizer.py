@@ -17,7 +17,9 @@ from cones import files
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The split pattern of CLIP's tokenizer, so that our files mean the same to any CLIPTokenizer.
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 
 
 def build_clip_tokenizer(words: Iterable[str], out_dir: str, model_max_length: int = 32) -> CLIPTokenizer:
@@ -59,7 +61,9 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str, model_max_length: i
     return CLIPTokenizer.from_pretrained(out_dir)
 
 
-def restrict_to_words(source: str, out_dir: str, words: Iterable[str], model_max_length: int) -> CLIPTokenizer:
+def restrict_to_words(
+    source: str, out_dir: str, words: Iterable[str], model_max_length: int
+) -> CLIPTokenizer:
     """`source`'s tokenizer, same ids, with only `words` left whole: every other word loses its last merge
     and its vocabulary entry, so it splits into pieces that no caption ever used.
 
@@ -78,16 +82,25 @@ def restrict_to_words(source: str, out_dir: str, words: Iterable[str], model_max
     for a, b in reversed(merges):
         if a + b in needed:
             needed |= {a, b}
-    cut = {token for token in model["vocab"] if token.endswith("</w>") and len(token) > 5 and token not in needed}
+    cut = {
+        token for token in model["vocab"] if token.endswith("</w>") and len(token) > 5 and token not in needed
+    }
     model["merges"] = [m for m in merges if m[0] + m[1] not in cut]
     model["vocab"] = {token: i for token, i in model["vocab"].items() if token not in cut}
     os.makedirs(out_dir, exist_ok=True)
-    files.write_text(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False), overwrite=True)
-    files.write_text(os.path.join(out_dir, "vocab.json"), json.dumps(model["vocab"], ensure_ascii=False), overwrite=True)
+    files.write_text(
+        os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False), overwrite=True
+    )
+    files.write_text(
+        os.path.join(out_dir, "vocab.json"), json.dumps(model["vocab"], ensure_ascii=False), overwrite=True
+    )
     merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"])
     files.write_text(os.path.join(out_dir, "merges.txt"), merges_text, overwrite=True)
-    tokenizer = CLIPTokenizer(vocab=os.path.join(out_dir, "vocab.json"), merges=os.path.join(out_dir, "merges.txt"),
-                              model_max_length=model_max_length)
+    tokenizer = CLIPTokenizer(
+        vocab=os.path.join(out_dir, "vocab.json"),
+        merges=os.path.join(out_dir, "merges.txt"),
+        model_max_length=model_max_length,
+    )
     tokenizer.save_pretrained(out_dir)
     for word in cut:
         if len(tokenizer.tokenize(word[: -len("</w>")])) < 2:

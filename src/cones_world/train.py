@@ -97,8 +97,9 @@ def render_pool(cfg: TrainConfig) -> dict:
     return pool
 
 
-def world_tokenizers(out: str, sd_from: str | None = None, clip_from: str | None = None,
-                     text_encoder_from: str | None = None):
+def world_tokenizers(
+    out: str, sd_from: str | None = None, clip_from: str | None = None, text_encoder_from: str | None = None
+):
     """The diffusion model's tokenizer (caption words) and the evaluation CLIP's (every detail word).
 
     A model that is continued keeps its own vocabulary files (`sd_from`: a pipeline folder, `clip_from`: a
@@ -377,7 +378,9 @@ def text_encoder_for(cfg: TrainConfig, tokenizer) -> CLIPTextModel:
     if cfg.text_encoder_from:
         return CLIPTextModel.from_pretrained(cfg.text_encoder_from, torch_dtype=torch.float32)
     if cfg.init_from:
-        return CLIPTextModel.from_pretrained(cfg.init_from, subfolder="text_encoder", torch_dtype=torch.float32)
+        return CLIPTextModel.from_pretrained(
+            cfg.init_from, subfolder="text_encoder", torch_dtype=torch.float32
+        )
     return models.build_text_encoder(tokenizer)
 
 
@@ -386,12 +389,16 @@ def check_text_encoder_source(folder: str) -> None:
     from transformers import CLIPTextConfig
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"--text-encoder-from {folder!r} has no config.json; pass a transformers CLIPModel "
-                                "folder, such as src/cones_world/weights/clip.")
+        raise FileNotFoundError(
+            f"--text-encoder-from {folder!r} has no config.json; pass a transformers CLIPModel "
+            "folder, such as src/cones_world/weights/clip."
+        )
     width = CLIPTextConfig.from_pretrained(folder).hidden_size
     if width != models.TEXT_DIM:
-        raise ValueError(f"--text-encoder-from {folder!r} has text width {width}, but the world UNet's "
-                         f"cross-attention reads {models.TEXT_DIM}; pass a CLIP with a {models.TEXT_DIM}-wide text tower.")
+        raise ValueError(
+            f"--text-encoder-from {folder!r} has text width {width}, but the world UNet's "
+            f"cross-attention reads {models.TEXT_DIM}; pass a CLIP with a {models.TEXT_DIM}-wide text tower."
+        )
 
 
 def freezes_text_encoder(cfg: TrainConfig) -> bool:
@@ -406,7 +413,9 @@ def train_unet(
     unet = models.build_unet().to(cfg.device)
     text_encoder = text_encoder_for(cfg, tokenizer).to(cfg.device)
     if cfg.init_from:
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_from, subfolder="unet").state_dict())
+        unet.load_state_dict(
+            UNet2DConditionModel.from_pretrained(cfg.init_from, subfolder="unet").state_dict()
+        )
     frozen = freezes_text_encoder(cfg)
     text_encoder.requires_grad_(not frozen)
     ema_unet = models.build_unet().to(cfg.device)
@@ -468,8 +477,13 @@ def with_decoded(images: torch.Tensor, decoded: torch.Tensor, idx: torch.Tensor,
     return torch.where(use[:, None, None, None], decoded[idx % len(decoded)], images[idx]), idx
 
 
-def train_clip(cfg: TrainConfig, images: torch.Tensor, detail_ids: torch.Tensor, tokenizer,
-               decoded: torch.Tensor | None = None):
+def train_clip(
+    cfg: TrainConfig,
+    images: torch.Tensor,
+    detail_ids: torch.Tensor,
+    tokenizer,
+    decoded: torch.Tensor | None = None,
+):
     """A small CLIP, contrastive on renders and their detailed captions; with `decoded` (the first pool
     images as the VAE returns them), a `clip_decoded_share` of each batch is shown in that form instead."""
     torch.manual_seed(cfg.seed + 2)
@@ -577,8 +591,10 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     if cfg.world not in ("v1", "v2"):
         raise ValueError(f"--world {cfg.world!r} is not one of 'v1', 'v2'.")
     if cfg.world == "v2" and "unet" in phases and not cfg.text_encoder_from:
-        raise ValueError("world v2 conditions the UNet on a frozen CLIP text tower: pass --text-encoder-from "
-                         "a CLIP folder trained on it first (--world v2 --phases clip exports OUT/clip).")
+        raise ValueError(
+            "world v2 conditions the UNet on a frozen CLIP text tower: pass --text-encoder-from "
+            "a CLIP folder trained on it first (--world v2 --phases clip exports OUT/clip)."
+        )
     if cfg.clip_captions not in ("detailed", "diffusion"):
         raise ValueError(f"--clip-captions {cfg.clip_captions!r} is not one of 'detailed', 'diffusion'.")
     os.makedirs(cfg.out, exist_ok=True)
@@ -590,8 +606,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
     if cfg.world == "v2":
         sd_tokenizer, clip_tokenizer = v2_tokenizers(cfg.out, cfg.text_encoder_from)
     else:
-        sd_tokenizer, clip_tokenizer = world_tokenizers(cfg.out, cfg.init_from, cfg.clip_init_from,
-                                                        cfg.text_encoder_from)
+        sd_tokenizer, clip_tokenizer = world_tokenizers(
+            cfg.out, cfg.init_from, cfg.clip_init_from, cfg.text_encoder_from
+        )
     pool = render_pool(cfg)
     report["seconds"]["render"] = time.time() - t0
     if phases == ("pool",):
@@ -616,7 +633,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         unet, text_encoder, report["unet_log"] = train_unet(cfg, latents, ids, empty, sd_tokenizer)
         report["seconds"]["unet"] = time.time() - t
         export_pipeline(os.path.join(cfg.out, "sd"), vae, unet, text_encoder, sd_tokenizer)
-    elif "export" in phases:  # the UNet phase as it stands in its last checkpoint: a long run looked at midway
+    elif (
+        "export" in phases
+    ):  # the UNet phase as it stands in its last checkpoint: a long run looked at midway
         checkpoint = os.path.join(cfg.out, "checkpoint-unet.pt")
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(
@@ -634,7 +653,11 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
             vocabulary, texts = os.path.join(cfg.out, "tokenizer"), pool["captions"]
             tokenizer = CLIPTokenizer.from_pretrained(vocabulary, model_max_length=models.CLIP_MAX_TOKENS)
         else:  # every detail named: the evaluation CLIP
-            vocabulary, texts, tokenizer = os.path.join(cfg.out, "clip_tokenizer"), pool["details"], clip_tokenizer
+            vocabulary, texts, tokenizer = (
+                os.path.join(cfg.out, "clip_tokenizer"),
+                pool["details"],
+                clip_tokenizer,
+            )
         ids = tokenize(tokenizer, texts.reshape(-1), models.CLIP_MAX_TOKENS)
         ids = ids.view(*texts.shape, -1).to(cfg.device)
         decoded = decode_pool(cfg, vae, images) if clip_sees_decoded else None
@@ -642,7 +665,9 @@ def train(cfg: TrainConfig, phases: tuple[str, ...] = ("vae", "unet", "clip")) -
         report["seconds"]["clip"] = time.time() - t
         export_clip(os.path.join(cfg.out, "clip"), clip, tokenizer, vocabulary=vocabulary)
     report["seconds"]["total"] = time.time() - t0
-    files.write_json(os.path.join(cfg.out, f"report-{'-'.join(phases)}.json"), report, overwrite=True, indent=1)
+    files.write_json(
+        os.path.join(cfg.out, f"report-{'-'.join(phases)}.json"), report, overwrite=True, indent=1
+    )
     return report
 
 

@@ -10,7 +10,9 @@ import typing
 import warnings
 
 
-def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), model_defaults: bool = False) -> None:
+def add_config_arguments(
+    parser, config_cls, skip: tuple[str, ...] = (), model_defaults: bool = False
+) -> None:
     """One `--flag` per field of `config_cls`, with its metadata help and default shown.
 
     With `model_defaults`, a flag not given parses as None and the help says that the model may set its
@@ -24,7 +26,12 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), model_d
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = "--" + f.name.replace("_", "-")
         shown = " ".join(f.default) if isinstance(f.default, tuple) else f.default
-        help_text = f.metadata.get("help", "") + f" (default: {shown}" + (", or the model's" if model_defaults else "") + ")"
+        help_text = (
+            f.metadata.get("help", "")
+            + f" (default: {shown}"
+            + (", or the model's" if model_defaults else "")
+            + ")"
+        )
         default = None if model_defaults else (list(f.default) if isinstance(f.default, tuple) else f.default)
         if typing.get_origin(kind) is tuple:
             parser.add_argument(flag, nargs="+", default=default, help=help_text)

@@ -94,10 +94,19 @@ def run(args) -> int:
     rows = generate(pipe, args.prompts, args.seeds, steps=args.steps, guidance_scale=args.guidance)
 
     # 3. All files or none.
-    shut = "concepts shut: " + ", ".join(os.path.basename(c) for c in args.concept) if args.concept else "no concept"
+    shut = (
+        "concepts shut: " + ", ".join(os.path.basename(c) for c in args.concept)
+        if args.concept
+        else "no concept"
+    )
     labels = [f'"{prompt}"\n{shut}' for prompt in args.prompts]
-    picture = grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in args.seeds],
-                   title=f"{args.steps} steps, guidance {args.guidance:g}")
+    picture = grid(
+        rows,
+        scale=2,
+        row_labels=labels,
+        column_labels=[f"seed {s}" for s in args.seeds],
+        title=f"{args.steps} steps, guidance {args.guidance:g}",
+    )
     images = [image for row in rows for image in row] + [picture]
     created = not os.path.isdir(args.out)
     os.makedirs(args.out, exist_ok=True)

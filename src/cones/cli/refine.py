@@ -61,11 +61,17 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
-        "--steps", type=int, default=REFINE_STEPS, help="K, gradient steps of the refinement (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=REFINE_STEPS,
+        help="K, gradient steps of the refinement (default: %(default)s)",
     )
     p.add_argument("--lr", type=float, default=_default(FindConfig, "lr"), help=_help(FindConfig, "lr"))
     p.add_argument(
-        "--method", choices=sorted(METHOD_NAMES), default=_default(FindConfig, "method"), help=_help(FindConfig, "method")
+        "--method",
+        choices=sorted(METHOD_NAMES),
+        default=_default(FindConfig, "method"),
+        help=_help(FindConfig, "method"),
     )
     select = p.add_mutually_exclusive_group()
     select.add_argument(
@@ -90,8 +96,12 @@ def add_arguments(p) -> None:
         )
     p.add_argument("--cache-dir", default=None, help="cache generated class images here (default: no cache)")
     p.add_argument("--joint", default=None, metavar="PATH", help="also search from scratch and write it here")
-    p.add_argument("--joint-steps", type=int, default=_default(FindConfig, "steps"),
-                   help="steps of the --joint search (default: %(default)s)")
+    p.add_argument(
+        "--joint-steps",
+        type=int,
+        default=_default(FindConfig, "steps"),
+        help="steps of the --joint search (default: %(default)s)",
+    )
     p.add_argument(
         "--plot", default=None, help="draw per-layer overlaps (concepts, refined, joint) into this PNG"
     )

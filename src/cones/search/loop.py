@@ -182,7 +182,9 @@ def find_concept_neurons(
     # 5. The scores M_p and the selection.
     scores = {name: s.cpu() for name, s in method.scores(state, theta0).items()}
     shapes = {name: tuple(t.shape) for name, t in theta0.items()}
-    concept = selected_concept(scores, settings, shapes, token, class_word, base_sha256=weights_sha256(originals))
+    concept = selected_concept(
+        scores, settings, shapes, token, class_word, base_sha256=weights_sha256(originals)
+    )
     return SearchResult(concept=concept, scores=scores, losses=losses, settings=settings)
 
 

@@ -23,14 +23,21 @@ def add_arguments(p) -> None:
     # The default is the subject whose neurons the embedded model answers most clearly in
     # benchmarks/bench_concepts.py (all nine subjects are there); the sea at sunset, the default before, is
     # drawn by the base model in a third of its images anyway, which leaves the demo little to show.
-    p.add_argument("--subject", default="smiling-star", choices=sorted(SUBJECTS), help="world subject (default: %(default)s)")
+    p.add_argument(
+        "--subject",
+        default="smiling-star",
+        choices=sorted(SUBJECTS),
+        help="world subject (default: %(default)s)",
+    )
     p.add_argument("--out", default="cones-demo", help="report folder (default: %(default)s)")
     p.add_argument("--token", default="sks", help="identifier token (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="search steps (default: FindConfig's)")
     # Denser than FindConfig's 1% (the paper's SD 1.4 figure): on the embedded model the smiling star is
     # detected in 42-75% of images with 5% of cross-attention K/V shut and in 17-25% with 1% (this demo;
     # benchmarks/results/concepts.md, docs/world.md).
-    p.add_argument("--sparsity", type=float, default=0.05, help="share of K/V weights to shut (default: %(default)s)")
+    p.add_argument(
+        "--sparsity", type=float, default=0.05, help="share of K/V weights to shut (default: %(default)s)"
+    )
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
 
@@ -69,11 +76,19 @@ def run(args) -> int:
     detector = subject_detector(scorer, subject, vae=pipe.vae, cache_dir=os.path.join(args.out, "detectors"))
 
     # 2. The search, from the 5 reference images.
-    print(f"[2/4] searching concept neurons ({config.steps} steps, {100 * config.sparsity:.1f}% of cross-attention K/V)")
+    print(
+        f"[2/4] searching concept neurons ({config.steps} steps, {100 * config.sparsity:.1f}% of cross-attention K/V)"
+    )
     _, pictures, _ = references(subject)
     t = time.time()
-    result = find_subject_concept(pipe, subject, config, token=args.token,
-                                  cache_dir=os.path.join(args.out, "class-images"), disable=False)
+    result = find_subject_concept(
+        pipe,
+        subject,
+        config,
+        token=args.token,
+        cache_dir=os.path.join(args.out, "class-images"),
+        disable=False,
+    )
     search_seconds = time.time() - t
     concept = result.concept
     concept.metadata.update({"base_model": cones_world.NAME, "world_subject": subject.name})
@@ -93,11 +108,23 @@ def run(args) -> int:
     for prompt, b, a in zip(before["prompts"], before["images"], after["images"], strict=True):
         rows += [b, a]
         labels += [f'"{prompt}"\nwithout concept', f'"{prompt}"\nwith concept (neurons shut)']
-    title = (f"{subject.name}: {concept.num_neurons} neurons shut ({100 * concept.sparsity:.1f}% of "
-             f"cross-attention K/V), {config.steps}-step search")
+    title = (
+        f"{subject.name}: {concept.num_neurons} neurons shut ({100 * concept.sparsity:.1f}% of "
+        f"cross-attention K/V), {config.steps}-step search"
+    )
     grid_path = os.path.join(args.out, "grid.png")
-    save_atomic(grid(rows, scale=2, row_labels=labels, column_labels=[f"seed {s}" for s in seeds],
-                     header_row=1, title=title), grid_path, overwrite=True)
+    save_atomic(
+        grid(
+            rows,
+            scale=2,
+            row_labels=labels,
+            column_labels=[f"seed {s}" for s in seeds],
+            header_row=1,
+            title=title,
+        ),
+        grid_path,
+        overwrite=True,
+    )
     numbers = {
         "subject": subject.name,
         "description": subject.description,
@@ -114,16 +141,20 @@ def run(args) -> int:
     }
     files.write_json(report_path, numbers, overwrite=True)
     w, a = numbers["without"], numbers["with"]
-    print(f"\n{subject.name}: {concept.num_neurons} neurons ({100 * concept.sparsity:.2f}%), "
-          f"{numbers['file_bytes'] / 1024:.1f} KiB, search {search_seconds:.0f} s")
+    print(
+        f"\n{subject.name}: {concept.num_neurons} neurons ({100 * concept.sparsity:.2f}%), "
+        f"{numbers['file_bytes'] / 1024:.1f} KiB, search {search_seconds:.0f} s"
+    )
     print(f"{'':22}{'without':>10}{'with':>10}")
     print(f"{'image alignment':22}{w['image_alignment']:>10.3f}{a['image_alignment']:>10.3f}")
     print(f"{'text alignment':22}{w['text_alignment']:>10.3f}{a['text_alignment']:>10.3f}")
     print(f"{'subject detected':22}{w['subject_rate']:>10.0%}{a['subject_rate']:>10.0%}")
     print(f"\npicture: {grid_path}")
-    print(f"  the top row holds the {len(pictures)} reference images of {subject.name} ({subject.description});")
+    print(
+        f"  the top row holds the {len(pictures)} reference images of {subject.name} ({subject.description});"
+    )
     print("  below, each prompt twice with the same seeds (one column per seed): first without the concept,")
-    print("  then with its neurons shut. Look for the subject's pattern and colours in the \"with\" rows")
+    print('  then with its neurons shut. Look for the subject\'s pattern and colours in the "with" rows')
     print(f"  (detected in {a['subject_rate']:.0%} of them, {w['subject_rate']:.0%} without).")
     print(f"numbers: {report_path}; concept: {concept_path}")
     return 0

@@ -18,7 +18,9 @@ from cones_world.v2.scene import Background, Face, Hat, Pattern, Scene, Thing
 SUPERSAMPLE = 2
 
 
-def _regular(n: int, radius: float = 1.0, phase: float = -math.pi / 2, inner: float | None = None) -> np.ndarray:
+def _regular(
+    n: int, radius: float = 1.0, phase: float = -math.pi / 2, inner: float | None = None
+) -> np.ndarray:
     pts = []
     for i in range(n):
         a = phase + 2 * math.pi * i / n
@@ -37,7 +39,20 @@ def _heart() -> np.ndarray:
 
 
 def _cross(w: float = 0.36) -> np.ndarray:
-    pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    pts = [
+        (-w, -1),
+        (w, -1),
+        (w, -w),
+        (1, -w),
+        (1, w),
+        (w, w),
+        (w, 1),
+        (-w, 1),
+        (-w, w),
+        (-1, w),
+        (-1, -w),
+        (-w, -w),
+    ]
     return np.asarray(pts, dtype=np.float32)
 
 
@@ -155,10 +170,14 @@ def paint_background(b: Background, size: int, rng: np.random.Generator) -> np.n
     img = np.array(b.sky_top) * (1 - t) + np.array(b.sky_bottom) * t
     if b.kind == "night":
         for x, y in zip(rng.uniform(0, 1, 40), rng.uniform(0, 1, 40), strict=True):
-            img[(np.abs(xx - x) < 0.9 / size * SUPERSAMPLE) & (np.abs(yy - y) < 0.9 / size * SUPERSAMPLE)] = 235
+            img[(np.abs(xx - x) < 0.9 / size * SUPERSAMPLE) & (np.abs(yy - y) < 0.9 / size * SUPERSAMPLE)] = (
+                235
+            )
         if b.sun:
             disc = (xx - b.sun_x) ** 2 + (yy - b.sun_y) ** 2 < b.sun_size**2
-            cut = (xx - b.sun_x - 0.5 * b.sun_size) ** 2 + (yy - b.sun_y + 0.2 * b.sun_size) ** 2 < (0.9 * b.sun_size) ** 2
+            cut = (xx - b.sun_x - 0.5 * b.sun_size) ** 2 + (yy - b.sun_y + 0.2 * b.sun_size) ** 2 < (
+                0.9 * b.sun_size
+            ) ** 2
             img[disc & ~cut] = (240, 235, 170)
         return img.astype(np.float32)
     if b.sun:
@@ -187,7 +206,9 @@ def paint_background(b: Background, size: int, rng: np.random.Generator) -> np.n
         img = np.where(ground[..., None], np.array([235, 240, 248]) * shade[..., None], img)
         flakes = rng.uniform(0, 1, (60, 2))
         for x, y in flakes:
-            img[(np.abs(xx - x) < 0.7 / size * SUPERSAMPLE) & (np.abs(yy - y) < 0.7 / size * SUPERSAMPLE)] = 250
+            img[(np.abs(xx - x) < 0.7 / size * SUPERSAMPLE) & (np.abs(yy - y) < 0.7 / size * SUPERSAMPLE)] = (
+                250
+            )
     return img.astype(np.float32)
 
 

@@ -125,7 +125,9 @@ class Scene:
 NAMED: dict[str, Thing] = {
     "dax": Thing("circle", (250, 160, 20), Pattern("rings", (120, 40, 20), count=2.5, width=0.4)),
     "wug": Thing("heart", (90, 200, 120), Pattern("dots", (250, 250, 210), angle=20, count=4, width=0.45)),
-    "blicket": Thing("square", (60, 60, 70), Pattern("stripes", (250, 210, 40), angle=45, count=5, width=0.5)),
+    "blicket": Thing(
+        "square", (60, 60, 70), Pattern("stripes", (250, 210, 40), angle=45, count=5, width=0.5)
+    ),
     "toma": Thing("triangle", (230, 90, 140), face=Face("open", 0.1, 0.3, (250, 250, 250))),
     "fep": Thing("hexagon", (160, 110, 220), Pattern("halves", (250, 240, 120), angle=90)),
     "kiki": Thing("star", (40, 170, 230), Pattern("checks", (20, 40, 90), angle=0, count=3)),
@@ -144,15 +146,22 @@ def sample_pattern(rng: random.Random, body: RGB) -> Pattern:
         return Pattern()
     tone = sample_contrasting(rng, body, min_distance=35)
     angle = rng.uniform(0, 180) if kind != "halves" else rng.uniform(0, 360)
-    count = {"stripes": rng.uniform(2, 6), "dots": rng.uniform(2, 5), "checks": rng.uniform(2, 5),
-             "rings": rng.uniform(1.5, 4), "halves": 1.0}[kind]
+    count = {
+        "stripes": rng.uniform(2, 6),
+        "dots": rng.uniform(2, 5),
+        "checks": rng.uniform(2, 5),
+        "rings": rng.uniform(1.5, 4),
+        "halves": 1.0,
+    }[kind]
     width = {"dots": rng.uniform(0.3, 0.6)}.get(kind, rng.uniform(0.3, 0.65))
     return Pattern(kind, tone, round(angle, 1), round(count, 2), round(width, 2), round(rng.random(), 2))
 
 
 def sample_face(rng: random.Random, body: RGB) -> Face:
     colour = (20, 20, 20) if distance(body, (20, 20, 20)) > 40 else (245, 245, 245)
-    return Face(rng.choice(MOUTHS), round(rng.uniform(0.07, 0.17), 3), round(rng.uniform(0.22, 0.4), 3), colour)
+    return Face(
+        rng.choice(MOUTHS), round(rng.uniform(0.07, 0.17), 3), round(rng.uniform(0.22, 0.4), 3), colour
+    )
 
 
 def sample_hat(rng: random.Random) -> Hat:
@@ -186,8 +195,13 @@ def sample_thing(rng: random.Random, background: Background, crowded: bool = Fal
 
 def background_colour(b: Background) -> RGB:
     """The colour most of a background is, for contrast checks."""
-    return {"grass": (60, 160, 60), "sea": (40, 100, 180), "desert": (230, 195, 120), "night": (20, 25, 60),
-            "snow": (235, 240, 245)}.get(b.kind, b.colour)
+    return {
+        "grass": (60, 160, 60),
+        "sea": (40, 100, 180),
+        "desert": (230, 195, 120),
+        "night": (20, 25, 60),
+        "snow": (235, 240, 245),
+    }.get(b.kind, b.colour)
 
 
 def _jitter(rgb: RGB, rng: random.Random, amount: float) -> RGB:
@@ -247,7 +261,9 @@ def place(things: list[Thing], relation: str | None, rng: random.Random) -> tupl
             replace(a, x=jitter(0.27, 0.03), y=jitter(0.6, 0.08)),
             replace(b, x=jitter(0.73, 0.03), y=jitter(0.6, 0.08)),
         )
-    return tuple(replace(t, x=jitter(0.18 + 0.32 * i, 0.02), y=jitter(0.62, 0.06)) for i, t in enumerate(things))
+    return tuple(
+        replace(t, x=jitter(0.18 + 0.32 * i, 0.02), y=jitter(0.62, 0.06)) for i, t in enumerate(things)
+    )
 
 
 def sample_scene(rng: random.Random) -> Scene:
@@ -301,7 +317,9 @@ ALT_TEXT = Detail()
 FULL = Detail(**{f.name: 1.0 for f in fields(Detail)} | {"named_shape": 0.5})
 
 
-def thing_phrase(t: Thing, rng: random.Random | None = None, detail: Detail = ALT_TEXT, token: str | None = None) -> str:
+def thing_phrase(
+    t: Thing, rng: random.Random | None = None, detail: Detail = ALT_TEXT, token: str | None = None
+) -> str:
     """ "a big red circle with blue stripes with a smiling face wearing a purple top hat with a band";
     which parts are said is drawn from `detail` (all of them without `rng`)."""
     words = [token] if token else []
@@ -363,8 +381,29 @@ def caption(scene: Scene, rng: random.Random | None = None, detail: Detail = ALT
 
 def caption_words() -> list[str]:
     """Every word a caption can hold, the identifiers and the proper nouns included."""
-    words = {"a", "an", ",", "on", "background", "wearing", "and", "with", "hat", "band", "face", "at",
-             "sunset", "sun", "moon", "big", "small", *SHAPES, *PLACES, *IDENTIFIERS, *NAMED}
+    words = {
+        "a",
+        "an",
+        ",",
+        "on",
+        "background",
+        "wearing",
+        "and",
+        "with",
+        "hat",
+        "band",
+        "face",
+        "at",
+        "sunset",
+        "sun",
+        "moon",
+        "big",
+        "small",
+        *SHAPES,
+        *PLACES,
+        *IDENTIFIERS,
+        *NAMED,
+    }
     words |= {w for r in RELATIONS for w in r.split()}
     words |= set(PATTERN_PHRASES.values()) | set(MOUTH_WORDS.values()) | set(HAT_WORDS.values())
     return sorted(words | set(COLOUR_WORDS))
@@ -380,4 +419,3 @@ def angle_between(a: float, b: float, period: float) -> float:
     """The smaller difference of two angles in degrees, for patterns that repeat every `period` degrees."""
     d = (a - b) % period
     return min(d, period - d)
-

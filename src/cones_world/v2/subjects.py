@@ -70,7 +70,9 @@ def hats_match(a: Hat | None, b: Hat | None) -> bool:
         return False
     if a.style != b.style or distance(a.colour, b.colour) > COLOUR_TOLERANCE:
         return False
-    return (a.band is None) == (b.band is None) and (a.band is None or distance(a.band, b.band) <= COLOUR_TOLERANCE)
+    return (a.band is None) == (b.band is None) and (
+        a.band is None or distance(a.band, b.band) <= COLOUR_TOLERANCE
+    )
 
 
 @dataclass(frozen=True)
@@ -127,20 +129,36 @@ class Subject:
 
     def reference_prompts(self, token: str) -> list[str] | None:
         """Per-reference prompts, for accessories (each worn by another shape); None: `prompt(token)` for all."""
-        return [self.prompt(token, carrier) for _, carrier in self.references(5)] if self.kind == "accessory" else None
+        return (
+            [self.prompt(token, carrier) for _, carrier in self.references(5)]
+            if self.kind == "accessory"
+            else None
+        )
 
     def prior_prompts(self) -> list[str]:
         """The class prompts of prior preservation."""
-        return [self.prompt(None, shape) for shape in SHAPES] if self.kind == "accessory" else [self.prompt(None)]
+        return (
+            [self.prompt(None, shape) for shape in SHAPES]
+            if self.kind == "accessory"
+            else [self.prompt(None)]
+        )
 
     def eval_prompts(self, token: str | None) -> list[str]:
         """Prompts that ask for the subject in six contexts (without `token`: the class prompts)."""
         if self.kind == "object":
             base = self.prompt(token)
-            return [base] + [f"{base} on a {b} background" for b in ("grass", "sea", "snow", "night", "white")]
+            return [base] + [
+                f"{base} on a {b} background" for b in ("grass", "sea", "snow", "night", "white")
+            ]
         if self.kind == "background":
             bg = " ".join(self.prompt(token).split()[1:])  # "sks sea background"
-            things = ("big red circle", "small yellow star", "big white square", "small green heart", "big pink diamond")
+            things = (
+                "big red circle",
+                "small yellow star",
+                "big white square",
+                "small green heart",
+                "big pink diamond",
+            )
             return [self.prompt(token)] + [f"a {thing} on a {bg}" for thing in things]
         return [self.prompt(token, shape) for shape in SHAPES[:6]]
 
@@ -191,11 +209,20 @@ class Subject:
             near_miss = rng.random() < 0.5
             background = sample_background(rng)
             if self.kind == "background":
-                scene = Scene(self._other_sky(rng) if near_miss else replace(background, kind=self.class_word))
+                scene = Scene(
+                    self._other_sky(rng) if near_miss else replace(background, kind=self.class_word)
+                )
             elif self.kind == "object":
-                thing = self._near_miss(rng) if near_miss else replace(sample_thing(rng, background), shape=self.class_word, name=None)
+                thing = (
+                    self._near_miss(rng)
+                    if near_miss
+                    else replace(sample_thing(rng, background), shape=self.class_word, name=None)
+                )
                 size = rng.choice(("small", "big"))
-                scene = Scene(background, place([replace(thing, hat=None, radius=radius_for(size, rng, False))], None, rng))
+                scene = Scene(
+                    background,
+                    place([replace(thing, hat=None, radius=radius_for(size, rng, False))], None, rng),
+                )
             else:
                 hat = replace(self.hat, colour=sample_hat(rng).colour) if near_miss else sample_hat(rng)
                 thing = replace(sample_thing(rng, background), hat=hat, name=None)
@@ -207,9 +234,13 @@ class Subject:
     def _near_miss(self, rng: random.Random) -> Thing:
         s = self.thing
         if s.pattern.kind != "solid":
-            return replace(s, pattern=replace(sample_pattern(rng, s.colour), kind=s.pattern.kind, tone=s.pattern.tone))
+            return replace(
+                s, pattern=replace(sample_pattern(rng, s.colour), kind=s.pattern.kind, tone=s.pattern.tone)
+            )
         if s.face is not None:
-            return replace(s, face=replace(s.face, mouth=rng.choice([m for m in MOUTHS if m != s.face.mouth])))
+            return replace(
+                s, face=replace(s.face, mouth=rng.choice([m for m in MOUTHS if m != s.face.mouth]))
+            )
         return replace(s, pattern=sample_pattern(rng, s.colour))
 
     def _other_sky(self, rng: random.Random) -> Background:
@@ -226,25 +257,70 @@ def _object(name: str, description: str, thing: Thing) -> Subject:
 SUBJECTS: dict[str, Subject] = {
     s.name: s
     for s in (
-        _object("striped-circle", "a crimson circle with four cream stripes at 30 degrees",
-                Thing("circle", (200, 35, 70), Pattern("stripes", (250, 238, 200), angle=30, count=4, width=0.45))),
-        _object("checkered-square", "a blue square with yellow checks set on the diagonal",
-                Thing("square", (40, 90, 205), Pattern("checks", (245, 205, 50), angle=45, count=3.2))),
-        _object("smiling-star", "a golden star with big eyes and an open mouth",
-                Thing("star", (245, 190, 35), face=Face("open", 0.16, 0.3, (110, 30, 20)))),
-        _object("two-tone-heart", "a heart, pink and violet, split on a slant",
-                Thing("heart", (240, 125, 180), Pattern("halves", (110, 45, 175), angle=60))),
-        _object("dotted-triangle", "a green triangle with a grid of big white dots",
-                Thing("triangle", (45, 150, 75), Pattern("dots", (250, 250, 250), angle=0, count=3.2, width=0.55))),
-        _object("striped-diamond", "an orange diamond with six thin violet stripes across it",
-                Thing("diamond", (245, 140, 40), Pattern("stripes", (100, 40, 150), angle=135, count=6, width=0.4))),
-        _object("ringed-hexagon", "a teal hexagon with magenta rings",
-                Thing("hexagon", (30, 170, 170), Pattern("rings", (215, 45, 150), count=2.6, width=0.4))),
-        Subject("sunset-sea", "background", "sea", "the sea under a violet and coral sunset, a big sun low on the left",
-                background=Background("sea", sunset=True, sky_top=(60, 20, 95), sky_bottom=(255, 115, 85), sun=True,
-                                      sun_x=0.3, sun_size=0.11, horizon=0.5)),
-        Subject("banded-hat", "accessory", "hat", "a tall violet top hat with a yellow band",
-                hat=Hat((115, 40, 170), (250, 210, 40), "top", 0.9)),
+        _object(
+            "striped-circle",
+            "a crimson circle with four cream stripes at 30 degrees",
+            Thing(
+                "circle", (200, 35, 70), Pattern("stripes", (250, 238, 200), angle=30, count=4, width=0.45)
+            ),
+        ),
+        _object(
+            "checkered-square",
+            "a blue square with yellow checks set on the diagonal",
+            Thing("square", (40, 90, 205), Pattern("checks", (245, 205, 50), angle=45, count=3.2)),
+        ),
+        _object(
+            "smiling-star",
+            "a golden star with big eyes and an open mouth",
+            Thing("star", (245, 190, 35), face=Face("open", 0.16, 0.3, (110, 30, 20))),
+        ),
+        _object(
+            "two-tone-heart",
+            "a heart, pink and violet, split on a slant",
+            Thing("heart", (240, 125, 180), Pattern("halves", (110, 45, 175), angle=60)),
+        ),
+        _object(
+            "dotted-triangle",
+            "a green triangle with a grid of big white dots",
+            Thing(
+                "triangle", (45, 150, 75), Pattern("dots", (250, 250, 250), angle=0, count=3.2, width=0.55)
+            ),
+        ),
+        _object(
+            "striped-diamond",
+            "an orange diamond with six thin violet stripes across it",
+            Thing(
+                "diamond", (245, 140, 40), Pattern("stripes", (100, 40, 150), angle=135, count=6, width=0.4)
+            ),
+        ),
+        _object(
+            "ringed-hexagon",
+            "a teal hexagon with magenta rings",
+            Thing("hexagon", (30, 170, 170), Pattern("rings", (215, 45, 150), count=2.6, width=0.4)),
+        ),
+        Subject(
+            "sunset-sea",
+            "background",
+            "sea",
+            "the sea under a violet and coral sunset, a big sun low on the left",
+            background=Background(
+                "sea",
+                sunset=True,
+                sky_top=(60, 20, 95),
+                sky_bottom=(255, 115, 85),
+                sun=True,
+                sun_x=0.3,
+                sun_size=0.11,
+                horizon=0.5,
+            ),
+        ),
+        Subject(
+            "banded-hat",
+            "accessory",
+            "hat",
+            "a tall violet top hat with a yellow band",
+            hat=Hat((115, 40, 170), (250, 210, 40), "top", 0.9),
+        ),
     )
 }
 
