@@ -20,8 +20,8 @@ from cones.export import ExportError, bake_checkpoint, concept_diff, export_diff
 from cones.generate import generate
 from cones.loaders import load_concept
 from cones.neurons import ConceptNeurons
+from cones.patches import applied
 from cones.pipeline import load_pipeline
-from cones.switching import shut
 from cones.targets import target_parameters
 
 
@@ -67,7 +67,7 @@ def test_a_diff_read_back_reproduces_the_shut_weights_exactly(tiny_pipe, tmp_pat
     assert len(lora) == sum(1 for idx in concept.indices.values() if idx.numel())
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     patched = read_lora_diffs(base, lora)
-    with shut(unet, concept):
+    with applied(unet, concept):
         expected = unet.state_dict()
         for key in expected:
             assert torch.equal(patched[key], expected[key]), key  # bit for bit, shut and unshut weights alike
@@ -79,7 +79,7 @@ def test_a_diff_read_back_reproduces_the_shut_weights_exactly(tiny_pipe, tmp_pat
 
 def test_a_diff_needs_the_base_weights(tiny_pipe):
     concept = random_concept(tiny_pipe.unet)
-    with shut(tiny_pipe.unet, concept), pytest.raises(ExportError, match="shut in this UNet"):
+    with applied(tiny_pipe.unet, concept), pytest.raises(ExportError, match="shut in this UNet"):
         concept_diff(concept, tiny_pipe.unet)
     half = concept_diff(concept, tiny_pipe.unet, torch.float16)
     assert {v.dtype for v in half.values()} == {torch.float16}
@@ -108,7 +108,7 @@ def test_cli_export_and_its_messages(tiny_pipe_path, tmp_path, capsys):
     args = ["export", concept_path, "--format", "diff", "--out", out, "--model", tiny_pipe_path]
     assert main(args) == 0
     patched = read_lora_diffs(pipe.unet.state_dict(), load_file(out))
-    with shut(pipe.unet, concept):
+    with applied(pipe.unet, concept):
         assert all(torch.equal(patched[k], v) for k, v in pipe.unet.state_dict().items())
     capsys.readouterr()
     assert main(args) == 1  # exists
@@ -148,7 +148,7 @@ def test_a_baked_checkpoint_draws_what_the_applied_concept_draws(model, tiny_pip
     got = generate(baked, prompts, seeds, steps=4)
     assert images_equal_within(expected, got, 1)  # within 1/255
     # the shut weights are zero in the checkpoint, and every other weight is the base model's
-    with shut(pipe.unet):
+    with applied(pipe.unet):
         assert all(torch.equal(v, baked.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
 
 

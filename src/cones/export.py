@@ -323,7 +323,6 @@ def bake_checkpoint(
     `checkpoint` (the single file `pipe` was loaded from) its tensors are copied and the shut positions
     zeroed; without, `pipe` is converted with `to_ldm`. The concepts are not left shut in `pipe`.
     """
-    from cones import switching
 
     concepts = [concepts] if isinstance(concepts, ConceptNeurons) else list(concepts)
     if not concepts:
@@ -333,7 +332,7 @@ def bake_checkpoint(
         concept.check_compatible(pipe.unet)
     joint = concepts[0].union(*concepts[1:]) if len(concepts) > 1 else concepts[0]
     if checkpoint is None:
-        with switching.shut(pipe.unet, joint):
+        with joint.shut(pipe.unet):
             state = to_ldm(pipe)
     else:
         state = _read_checkpoint(checkpoint)

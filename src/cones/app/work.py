@@ -117,18 +117,18 @@ class Studio:
 
     def references(self, files: Sequence[str] | None, subject: str | None) -> list[Image.Image]:
         """The pictures to search from: the uploaded files, else the named example subject's."""
-        from cones.images import load_images, model_resolution, square
+        from cones.images import load_pictures, model_resolution, square
 
         size = model_resolution(self.pipe)
         if files:
-            return load_images(list(files), size)[1]
+            return load_pictures(list(files), size)
         if subject:
             if subject not in self.subjects:
                 raise ValueError(
                     f"subject {subject!r} is not one of this model's: {', '.join(self.subjects)}"
                 )
             return [square(im.convert("RGB"), size) for im in self.subjects[subject].reference_images()]
-        return load_images([], size)[1]  # the command line's "no reference images given" line
+        return load_pictures([], size)  # the command line's "no reference images given" line
 
     def find(
         self,

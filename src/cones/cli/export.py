@@ -44,8 +44,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from cones.cli import UsageError
+    from cones.dtypes import resolve_dtype
     from cones.export import export_diff
-    from cones.memory import resolve_dtype
     from cones.pipeline import load_pipeline, resolve_model
     from cones.storage import load_concept_file
 
