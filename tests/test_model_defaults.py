@@ -46,3 +46,10 @@ def test_the_method_names_the_command_line_offers_are_the_strategies():
     from cones.search import METHODS
 
     assert set(METHOD_NAMES) == set(METHODS)
+
+
+def test_the_python_api_takes_the_models_defaults_too():
+    from cones.find import model_config
+    from cones.pipeline import load_pipeline
+
+    assert model_config(load_pipeline()).sparsity == 0.05

@@ -162,6 +162,12 @@ def concept_objective(
     )
 
 
+def model_config(pipe) -> FindConfig:
+    """`FindConfig` with the defaults of the model folder `pipe` was loaded from (its cones.json), if any."""
+    path = getattr(pipe, "name_or_path", None)
+    return FindConfig.for_model(path if isinstance(path, str) and os.path.isdir(path) else None)
+
+
 def find_concept(
     pipe,
     images: torch.Tensor | Sequence[Image.Image],
@@ -183,9 +189,10 @@ def find_concept(
     The pipeline's weights are left exactly as they were. With `split_batch`, every process of the process
     group computes its share of each step's batch and the gradients are summed over them
     (`cones.distributed`): every process must call it with the same arguments, and all end with the concept
-    one process would find.
+    one process would find. Without `config`, the defaults are the model's (`FindConfig.for_model` of the
+    folder the pipeline was loaded from), as `cones find` takes them.
     """
-    cfg = config or FindConfig()
+    cfg = config or model_config(pipe)
     objective = concept_objective(
         pipe,
         images,
