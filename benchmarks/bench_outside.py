@@ -139,7 +139,7 @@ def main() -> None:
     pipe, scorer = load_pipeline(args.model), ClipScorer(args.clip)
     seeds = [str(s) for s in range(args.seeds)]
     report: dict = {"model": args.model, "clip": args.clip, "seeds": args.seeds, "subjects": {}}
-    rows = []
+    rows, labels = [], []
     for name, subject in SUBJECTS.items():
         shape, body, kind, tone = subject
         rng = random.Random(name)
@@ -208,7 +208,18 @@ def main() -> None:
             shown[label] = images[: args.seeds]
         report["subjects"][name] = {"judge_auc": roc_auc(held_pos, held_neg), **rates}
         rows += [pictures[: args.seeds], shown["identifier_without"], shown["identifier_with"]]
-    grid(rows, scale=2).save(os.path.join(RESULTS, f"{args.name}.png"))
+        labels += [
+            f"{name}: references",
+            f'"a sks {shape}" (and contexts)\nwithout concept',
+            f'"a sks {shape}" (and contexts)\nwith concept (neurons shut)',
+        ]
+    grid(
+        rows,
+        scale=2,
+        row_labels=labels,
+        column_labels=[f"seed {s}" for s in seeds],
+        title="subjects drawn outside the world, through cones find and cones generate",
+    ).save(os.path.join(RESULTS, f"{args.name}.png"))
     lines = [
         "| subject | judge AUC | identifier prompts without -> with | class prompts without -> with |",
         "|---|---|---|---|",
