@@ -210,8 +210,8 @@ def main() -> None:
         rows += [pictures[: args.seeds], shown["identifier_without"], shown["identifier_with"]]
         labels += [
             f"{name}: references",
-            f'"a sks {shape}" (and contexts)\nwithout concept',
-            f'"a sks {shape}" (and contexts)\nwith concept (neurons shut)',
+            f'"a sks {shape}"\nwithout concept',
+            f'"a sks {shape}"\nwith concept (neurons shut)',
         ]
     grid(
         rows,
