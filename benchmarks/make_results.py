@@ -318,7 +318,9 @@ BENCHMARKS = (
         see="[world.md](world.md#world-v2-under-construction)",
     ),
     Benchmark("cli-start", "bench_cli_start.py", "python benchmarks/bench_cli_start.py", None),
-    Benchmark("threads", "bench_threads.py", "python benchmarks/bench_threads.py --steps 30 --repeats 3", None),
+    Benchmark(
+        "threads", "bench_threads.py", "python benchmarks/bench_threads.py --steps 30 --repeats 3", None
+    ),
     Benchmark(
         "outside",
         "bench_outside.py",
