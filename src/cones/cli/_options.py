@@ -66,3 +66,27 @@ def reported_warnings(command: str):
             seen = dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ConesWarning))
             for message in seen:
                 print(f"cones {command}: warning: {message}", file=sys.stderr)
+
+
+def add_model_arguments(parser, *, dtype: bool = True, config: bool = True, device: bool = True) -> None:
+    """The flags that choose the base model and where it runs, the same in every command."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Stable Diffusion folder or single-file checkpoint (default: the embedded model)",
+    )
+    if config:
+        parser.add_argument(
+            "--config",
+            default=None,
+            help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
+        )
+    if device:
+        parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    if dtype:
+        parser.add_argument(
+            "--dtype",
+            default="fp32",
+            choices=("fp32", "fp16", "bf16"),
+            help="weights' precision; fp16/bf16 on a GPU (default: fp32)",
+        )

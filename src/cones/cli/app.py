@@ -8,20 +8,14 @@ Needs the optional extra: pip install "cones[app]". Concepts found in the page a
 
 from __future__ import annotations
 
+from cones.cli._options import add_model_arguments
+
 NAME = "app"
 HELP = "serve a web page (Gradio) to find concepts, generate with them and see their attention maps"
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "--model", default=None, help="Stable Diffusion folder or file (default: the embedded world model)"
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
-    )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_model_arguments(p, dtype=False)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)"
     )

@@ -16,18 +16,17 @@ from __future__ import annotations
 import os
 
 from cones import GUIDANCE_SCALE
+from cones.cli._options import add_model_arguments
 
 NAME = "attention"
 HELP = "draw per-token cross-attention maps, before and after shutting a concept, into one PNG"
 
 
 def add_arguments(p) -> None:
+    add_model_arguments(p, config=False, dtype=False)
     p.add_argument("prompt", help='the prompt, e.g. "a sks circle"')
     p.add_argument("--out", required=True, help="the PNG file to write")
     p.add_argument("--concept", default=None, help="a .cones file: adds a row with its neurons shut")
-    p.add_argument(
-        "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"
-    )
     p.add_argument("--seed", type=int, default=0, help="seed of the image (default: 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument(
@@ -47,7 +46,6 @@ def add_arguments(p) -> None:
         help="map = share among the prompt's tokens (prompt) or among all text positions (text); default: prompt",
     )
     p.add_argument("--panel", type=int, default=128, help="panel size in pixels (default: 128)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--force",

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import os
 
+from cones.cli._options import add_model_arguments
+
 NAME = "bake"
 HELP = "write a single-file SD checkpoint with concepts shut, for any SD program"
 
 
 def add_arguments(p) -> None:
+    add_model_arguments(p, device=False, dtype=False)
     p.add_argument("concepts", nargs="+", help="one or more .cones files (their union is shut)")
     p.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
-    p.add_argument(
-        "--model", default=None, help="the concepts' base model (default: the embedded world model)"
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
-    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 

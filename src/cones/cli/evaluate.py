@@ -23,6 +23,7 @@ import os
 import re
 
 from cones import GUIDANCE_SCALE
+from cones.cli._options import add_model_arguments
 
 NAME = "evaluate"
 HELP = "CLIP text and image alignment of a concept's images (generated here, or a folder of them)"
@@ -80,6 +81,7 @@ def add_arguments(p) -> None:
         help="kind of a folder --reference, for --prompt-set (default: %(default)s)",
     )
     gen = p.add_argument_group("generation")
+    add_model_arguments(gen, config=False, dtype=False)
     gen.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, one image each per prompt")
     gen.add_argument(
         "--images-per-prompt", type=int, default=4, help="images per prompt (default: %(default)s)"
@@ -94,10 +96,6 @@ def add_arguments(p) -> None:
         default=GUIDANCE_SCALE,
         help="classifier-free guidance (default: %(default)s)",
     )
-    gen.add_argument(
-        "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"
-    )
-    gen.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
         "--clip", default=None, help="transformers CLIPModel folder (default: the embedded world CLIP)"
     )

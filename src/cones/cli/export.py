@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 
+from cones.cli._options import add_model_arguments
+
 NAME = "export"
 HELP = "write a concept as a LoRA-style weight-difference file (ComfyUI, AUTOMATIC1111)"
 
 
 def add_arguments(p) -> None:
+    add_model_arguments(p, device=False)
     p.add_argument("concept", help="the .cones file")
     p.add_argument(
         "--format",
@@ -25,20 +28,6 @@ def add_arguments(p) -> None:
         help="diff: full-weight differences under lora_unet_*.diff keys (default: diff)",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument(
-        "--model", default=None, help="the concept's base model (default: the embedded world model)"
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
-    )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=("fp32", "fp16", "bf16"),
-        help="precision of the differences (default: the model's own, which shuts exactly)",
-    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from cones.cli._options import add_config_arguments, config_from_args
+from cones.cli._options import add_config_arguments, add_model_arguments, config_from_args
 
 NAME = "find"
 HELP = "search the concept neurons of a subject shown in a folder of images"
@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
         help="folder of subject folders (subject.json with token and class_word, photos, optional class/): "
         "one <name>.cones each in --out; processes share the work",
     )
+    add_model_arguments(p)
     p.add_argument("--token", help="the rare identifier word bound to the subject, e.g. sks (with --images)")
     p.add_argument("--class-word", help="the subject's class, e.g. dog (with --images)")
     p.add_argument("--out", required=True, help="the .cones file to write (a folder with --subjects)")
@@ -40,9 +41,6 @@ def add_arguments(p) -> None:
         default="subjects",
         help="with --subjects and several processes: share out the subjects, or each step's batch",
     )
-    p.add_argument(
-        "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"
-    )
     p.add_argument("--class-images", default=None, help="folder of class images (default: generated, cached)")
     p.add_argument(
         "--cache-dir",
@@ -50,18 +48,6 @@ def add_arguments(p) -> None:
         help="where generated class images are cached (default: %(default)s)",
     )
     p.add_argument("--checkpoint", default=None, help="checkpoint file: resume an interrupted search from it")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=("fp32", "fp16", "bf16"),
-        help="weights' precision; fp16/bf16 on a GPU (default: fp32)",
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
-    )
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",

@@ -10,17 +10,16 @@ import os
 import warnings
 
 from cones import GUIDANCE_SCALE
+from cones.cli._options import add_model_arguments
 
 NAME = "generate"
 HELP = "generate images (optionally with concepts applied) into a folder, one PNG each plus a grid"
 
 
 def add_arguments(p) -> None:
+    add_model_arguments(p)
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("--out", required=True, help="folder for the PNG images and grid.png")
-    p.add_argument(
-        "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"
-    )
     p.add_argument(
         "--concept", action="append", default=[], help="a .cones file to apply; repeat for several"
     )
@@ -33,18 +32,6 @@ def add_arguments(p) -> None:
         type=float,
         default=GUIDANCE_SCALE,
         help="classifier-free guidance scale (default: %(default)s)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=("fp32", "fp16", "bf16"),
-        help="weights' precision; fp16/bf16 on a GPU (default: fp32)",
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a local diffusers folder of the same SD version, for a single-file --model checkpoint",
     )
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
     p.add_argument(

@@ -20,6 +20,7 @@ import os
 from dataclasses import fields
 
 from cones.cli import UsageError
+from cones.cli._options import add_model_arguments
 
 NAME = "refine"
 HELP = "refine the union of several concepts with their joint loss (multi-subject generation)"
@@ -37,6 +38,7 @@ def _help(cls, name: str, extra: str = "") -> str:
 def add_arguments(p) -> None:
     from cones.config import METHOD_NAMES, REFINE_STEPS, FindConfig
 
+    add_model_arguments(p, config=False, dtype=False)
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="the .cones files to refine together")
     p.add_argument(
         "--images",
@@ -56,10 +58,6 @@ def add_arguments(p) -> None:
         help="the next subject is this subject of the embedded world (e.g. striped-circle, sunset-sea)",
     )
     p.add_argument("-o", "--output", required=True, help="the refined .cones file to write")
-    p.add_argument(
-        "--model", default=None, help="Stable Diffusion folder (default: the embedded world model)"
-    )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
         "--steps",
         type=int,
