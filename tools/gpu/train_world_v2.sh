@@ -6,9 +6,10 @@
 #   run:  bash tools/gpu/train_world_v2.sh          carry: .whl          (about 9 minutes)
 #   back here: cat FILES/weights.tar.part* | tar -x -C training/world-v2-new
 #
-# Where a committed run exists (training/world-v2 with sd/ and clip/), it is continued: its VAE and UNet go
-# on and its text tower stays frozen (the UNet has learnt to read it). Otherwise everything starts from the
-# shipped world v1 weights. Phase caps in seconds: VAE_S, CLIP_S, UNET_S.
+# Where a committed run exists (training/world-v2 with sd/ and clip/), it is continued: its VAE, CLIP and
+# UNet go on (the CLIP first, then the UNet on its tower; FREEZE_TOWER=1 keeps the committed tower instead,
+# once a UNet has learnt to read it). Otherwise everything starts from the shipped world v1 weights.
+# Phase caps in seconds: VAE_S, CLIP_S, UNET_S.
 # Dry run on a CPU: DEVICE=cpu POOL=600 WORKERS=2 VAE_S=10 CLIP_S=10 UNET_S=10 OUT=/tmp/out bash tools/gpu/train_world_v2.sh
 set -uo pipefail
 start=$(date +%s)
@@ -21,7 +22,8 @@ else
 fi
 WORK=${WORK:-/tmp/world-v2}
 if [ -d training/world-v2/clip ]; then
-  export SD_FROM=training/world-v2/sd TOWER=training/world-v2/clip
+  export SD_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip
+  [ "${FREEZE_TOWER:-0}" = 1 ] && export TOWER=training/world-v2/clip
 fi
 DEVICE=${DEVICE:-cuda} OUT=$WORK POOL=${POOL:-200000} WORKERS=${WORKERS:-15} CHECKPOINT=500 TQDM_MININTERVAL=20 \
   VAE_S=${VAE_S:-60} CLIP_S=${CLIP_S:-150} UNET_S=${UNET_S:-270} VAE_STEPS=100000 CLIP_STEPS=100000 UNET_STEPS=1000000 \
