@@ -1,9 +1,9 @@
 """Loading base models (folders, single original-layout checkpoints) and the precision and memory options.
 
 The single-file tests write the tiny pipeline in the original Stable Diffusion checkpoint layout
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`) with `to_ldm` below,
-the inverse of diffusers' conversion (diffusers' own inverse is a repository script, not part of the
-package), and check that `load_pipeline` gives back the same weights. The precision tests measure how far
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`) with
+`cones.export.to_ldm`, the inverse of diffusers' conversion (what `cones bake` writes), and check that
+`load_pipeline`, through diffusers' own loader, gives back the same weights. The precision tests measure how far
 float16 / bfloat16 searches agree with the float32 one on the tiny model, without forcing it.
 """
 
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from cones.dtypes import LossScaled, resolve_dtype
+from cones.export import to_ldm
 from cones.memory import attention_processors, gradient_checkpointing, memory_settings, uses_sdpa
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig
@@ -25,126 +26,6 @@ from cones.pipeline import ModelError, checkpoint_family, load_pipeline, resolve
 from cones.search import SearchError, find_concept_neurons
 from cones.storage import concept_to_bytes
 from cones.targets import target_parameters
-
-# ---------------------------------------------------------------------------------------------------
-# diffusers layout -> original Stable Diffusion checkpoint layout
-
-
-_UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_RESNET = [
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
-]
-_VAE_ATTENTION = [
-    ("group_norm", "norm"),
-    ("to_q", "q"),
-    ("to_k", "k"),
-    ("to_v", "v"),
-    ("to_out.0", "proj_out"),
-]
-
-
-def unet_to_ldm(state: dict, config) -> dict:
-    """A diffusers `UNet2DConditionModel` state dict under the original `model.diffusion_model.` names.
-
-    Input block 1 + i(L+1) + j holds down block i's layer j (resnet .0, attention .1), input block
-    (i+1)(L+1) its downsampler; output block i(L+1) + j holds up block i's layer j, whose last layer
-    also holds the upsampler (.1 without attention, .2 with); the middle block is resnet, attention, resnet.
-    """
-    layers = config["layers_per_block"]
-    out = {}
-    for key, t in state.items():
-        parts = key.split(".")
-        if parts[0] == "down_blocks":
-            i, kind = int(parts[1]), parts[2]
-            if kind == "downsamplers":
-                new = f"input_blocks.{(i + 1) * (layers + 1)}.0.op." + ".".join(parts[5:])
-            else:
-                block = 1 + i * (layers + 1) + int(parts[3])
-                new = f"input_blocks.{block}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
-        elif parts[0] == "up_blocks":
-            i, kind = int(parts[1]), parts[2]
-            if kind == "upsamplers":
-                slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
-                new = f"output_blocks.{i * (layers + 1) + layers}.{slot}." + ".".join(parts[4:])
-            else:
-                block = i * (layers + 1) + int(parts[3])
-                new = f"output_blocks.{block}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
-        elif parts[0] == "mid_block":
-            slot = 2 * int(parts[2]) if parts[1] == "resnets" else 1
-            new = f"middle_block.{slot}." + ".".join(parts[3:])
-        else:
-            new = _UNET_TOP[".".join(parts[:-1])] + "." + parts[-1]
-        if ".resnets." in key:
-            for diffusers_name, ldm_name in _RESNET:
-                new = new.replace(f".{diffusers_name}.", f".{ldm_name}.")
-        out["model.diffusion_model." + new] = t
-    return out
-
-
-def vae_to_ldm(state: dict, config) -> dict:
-    """A diffusers `AutoencoderKL` state dict under the original `first_stage_model.` names."""
-    n = len(config["up_block_types"])
-    out = {}
-    for key, t in state.items():
-        parts = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut").split(".")
-        coder = parts[0]
-        if parts[1] == "down_blocks":
-            i, kind = int(parts[2]), parts[3]
-            inner = (
-                "downsample." + ".".join(parts[5:])
-                if kind == "downsamplers"
-                else f"block.{parts[4]}." + ".".join(parts[5:])
-            )
-            new = f"{coder}.down.{i}.{inner}"
-        elif parts[1] == "up_blocks":
-            i, kind = n - 1 - int(parts[2]), parts[3]  # the original numbers up blocks from the bottom
-            inner = (
-                "upsample." + ".".join(parts[5:])
-                if kind == "upsamplers"
-                else f"block.{parts[4]}." + ".".join(parts[5:])
-            )
-            new = f"{coder}.up.{i}.{inner}"
-        elif parts[1] == "mid_block" and parts[2] == "resnets":
-            new = f"{coder}.mid.block_{int(parts[3]) + 1}." + ".".join(parts[4:])
-        elif parts[1] == "mid_block":
-            rest = ".".join(parts[4:])
-            for diffusers_name, ldm_name in _VAE_ATTENTION:
-                if rest.startswith(diffusers_name + "."):
-                    rest = ldm_name + rest[len(diffusers_name) :]
-            new = f"{coder}.mid.attn_1.{rest}"
-            t = t[:, :, None, None] if t.ndim == 2 else t  # the original's 1x1 convolutions
-        else:
-            new = ".".join(parts)
-        out["first_stage_model." + new] = t
-    return out
-
-
-def to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """UNet, VAE and CLIP text encoder of an SD 1.x-style pipeline as one original-layout state dict."""
-    state = {}
-    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
-    state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    text = (
-        pipe.text_encoder.state_dict()
-    )  # transformers 5 drops the "text_model." prefix; the original has it
-    state.update(
-        {
-            "cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-            for k, v in text.items()
-        }
-    )
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
 def folder_snapshot(path: str) -> dict[str, tuple[int, int, str]]:
