@@ -25,7 +25,7 @@ HELP = "draw per-token cross-attention maps, before and after shutting a concept
 def add_arguments(p) -> None:
     add_model_arguments(p, config=False, dtype=False)
     p.add_argument("prompt", help='the prompt, e.g. "a sks circle"')
-    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("-o", "--out", required=True, help="the PNG file to write")
     p.add_argument("--concept", default=None, help="a .cones file: adds a row with its neurons shut")
     p.add_argument("--seed", type=int, default=0, help="seed of the image (default: 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")

@@ -22,7 +22,7 @@ HELP = "write a single-file SD checkpoint with concepts shut, for any SD program
 def add_arguments(p) -> None:
     add_model_arguments(p, device=False, dtype=False)
     p.add_argument("concepts", nargs="+", help="one or more .cones files (their union is shut)")
-    p.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
+    p.add_argument("-o", "--out", required=True, help="the .safetensors checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 

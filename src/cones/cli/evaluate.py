@@ -100,7 +100,7 @@ def add_arguments(p) -> None:
         "--clip", default=None, help="transformers CLIPModel folder (default: the embedded world CLIP)"
     )
     p.add_argument(
-        "--out", default=None, help="folder for evaluation.json, evaluation.md (and generated images)"
+        "-o", "--out", default=None, help="folder for evaluation.json, evaluation.md (and generated images)"
     )
     p.add_argument(
         "--format", choices=("text", "json"), default="text", help="what to print (default: %(default)s)"

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
         default="diff",
         help="diff: full-weight differences under lora_unet_*.diff keys (default: diff)",
     )
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("-o", "--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 

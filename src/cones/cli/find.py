@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--token", help="the rare identifier word bound to the subject, e.g. sks (with --images)")
     p.add_argument("--class-word", help="the subject's class, e.g. dog (with --images)")
-    p.add_argument("--out", required=True, help="the .cones file to write (a folder with --subjects)")
+    p.add_argument("-o", "--out", required=True, help="the .cones file to write (a folder with --subjects)")
     p.add_argument(
         "--mode",
         choices=("subjects", "batch"),

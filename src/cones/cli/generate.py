@@ -19,7 +19,7 @@ HELP = "generate images (optionally with concepts applied) into a folder, one PN
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("prompts", nargs="+", help="one or more prompts")
-    p.add_argument("--out", required=True, help="folder for the PNG images and grid.png")
+    p.add_argument("-o", "--out", required=True, help="folder for the PNG images and grid.png")
     p.add_argument(
         "--concept", action="append", default=[], help="a .cones file to apply; repeat for several"
     )

@@ -23,14 +23,16 @@ HELP = "concatenate .cones files into one (the union of their neurons; each keep
 
 def add_arguments(p) -> None:
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="two or more .cones files")
-    p.add_argument("-o", "--output", required=True, help="the merged .cones file to write")
+    p.add_argument(
+        "-o", "--out", "--output", dest="output", required=True, help="the merged .cones file to write"
+    )
     p.add_argument(
         "--plot", default=None, help="also draw the per-layer overlap of the concepts into this PNG"
     )
     p.add_argument(
         "--format", choices=("text", "json"), default="text", help="summary format (default: text)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --output (and --plot) if they exist")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --plot) if they exist")
 
 
 def overlap_summary(concepts, names: list[str]) -> list[dict]:

@@ -57,7 +57,9 @@ def add_arguments(p) -> None:
         metavar="NAME",
         help="the next subject is this subject of the embedded world (e.g. striped-circle, sunset-sea)",
     )
-    p.add_argument("-o", "--output", required=True, help="the refined .cones file to write")
+    p.add_argument(
+        "-o", "--out", "--output", dest="output", required=True, help="the refined .cones file to write"
+    )
     p.add_argument(
         "--steps",
         type=int,

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
         choices=sorted(SUBJECTS),
         help="world subject (default: %(default)s)",
     )
-    p.add_argument("--out", default="cones-demo", help="report folder (default: %(default)s)")
+    p.add_argument("-o", "--out", default="cones-demo", help="report folder (default: %(default)s)")
     p.add_argument("--token", default="sks", help="identifier token (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="search steps (default: FindConfig's)")
     # Denser than FindConfig's 1% (the paper's SD 1.4 figure): on the embedded model the smiling star is
