@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors import safe_open
-from test_pipeline import unet_to_ldm
 
 from cones.architectures import SD1_UNET, SD2_UNET
 from cones.codec import entropy_bound_bits
+from cones.export import unet_to_ldm
 from cones.neurons import ConceptNeurons
 from cones.objective import step_generator
 from cones.pipeline import checkpoint_family
@@ -190,7 +190,7 @@ def test_sd2_names_and_shapes():
 
 @pytest.mark.parametrize("config,family", [(SD1_UNET, "v1"), (SD2_UNET, "v2")])
 def test_original_layout_of_full_size_unets(config, family):
-    # The inverse conversion of test_pipeline, checked against diffusers' own conversion at full size.
+    # The inverse conversion (cones.export, what cones bake writes), checked against diffusers' own conversion at full size.
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     state = unet.state_dict()
