@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Train world v2 in the order its parts depend on each other, each phase resumable from its checkpoint:
 #   1. the pool of renders and alt-text captions;
-#   2. the VAE, continued from SD_FROM's on the new colours;
+#   2. the VAE, continued from VAE_FROM's on the new colours;
 #   3. the CLIP (the judge, and the text tower), continued from CLIP_FROM on alt text;
-#   4. the UNet, continued from SD_FROM's, conditioned on the CLIP's text tower, frozen.
+#   4. the UNet, continued from UNET_FROM's, conditioned on the CLIP's text tower, frozen.
 # Run it again after an interruption and it goes on where it stopped (at most CHECKPOINT steps lost).
 #
 #   bash tools/train_world_v2.sh                                   # CPU, into ~/.cache/cones/world-v2
-#   SD_FROM=training/world-v2/sd TOWER=training/world-v2/clip bash tools/train_world_v2.sh
-#       # continue a committed run: its VAE and UNet go on, its text tower stays as it is (frozen)
+#   VAE_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip bash tools/train_world_v2.sh
+#       # continue a committed run's VAE and CLIP (add TOWER=training/world-v2/clip to keep its tower as it
+#       # is); the UNet starts from UNET_FROM (the shipped one unless the run committed its own)
 #
 # Every setting is an environment variable; the defaults are sized for a 2-core CPU. VAE_S, CLIP_S and
 # UNET_S cap a phase's wall-clock seconds (a GPU slot); a capped phase counts as finished.
@@ -22,6 +23,8 @@ POOL=${POOL:-40000}
 WORKERS=${WORKERS:-2}
 CHECKPOINT=${CHECKPOINT:-100}
 SD_FROM=${SD_FROM:-src/cones_world/weights/sd}
+VAE_FROM=${VAE_FROM:-$SD_FROM}     # where the VAE continues from
+UNET_FROM=${UNET_FROM:-$SD_FROM}   # where the UNet continues from
 CLIP_FROM=${CLIP_FROM:-src/cones_world/weights/clip}
 TOWER=${TOWER:-}
 VAE_STEPS=${VAE_STEPS:-600}; VAE_BATCH=${VAE_BATCH:-48}; VAE_LR=${VAE_LR:-3e-4}
@@ -34,15 +37,15 @@ train() { "$PYTHON" -m cones_world.train "${common[@]}" "$@"; }
 mkdir -p "$OUT"
 echo "$(date -u +%FT%TZ) world v2 training into $OUT on $DEVICE"
 train --phases pool
-train --phases vae --init-from "$SD_FROM" --vae-steps "$VAE_STEPS" --vae-batch "$VAE_BATCH" --vae-lr "$VAE_LR" \
+train --phases vae --init-from "$VAE_FROM" --vae-steps "$VAE_STEPS" --vae-batch "$VAE_BATCH" --vae-lr "$VAE_LR" \
   --phase-seconds "$(cap "${VAE_S:-}" vae)"
 if [ -n "$TOWER" ]; then  # a text tower trained before: the UNet keeps reading it, unchanged
   rm -rf "$OUT/clip" && cp -r "$TOWER" "$OUT/clip"
 else
-  train --phases clip --init-from "$SD_FROM" --clip-init-from "$CLIP_FROM" --clip-steps "$CLIP_STEPS" \
+  train --phases clip --init-from "$VAE_FROM" --clip-init-from "$CLIP_FROM" --clip-steps "$CLIP_STEPS" \
     --clip-batch "$CLIP_BATCH" --clip-lr "$CLIP_LR" --clip-decoded-share 0.3 --clip-decoded-pool 6000 \
     --phase-seconds "$(cap "${CLIP_S:-}" clip)"
 fi
-train --phases unet --init-from "$SD_FROM" --text-encoder-from "$OUT/clip" --unet-steps "$UNET_STEPS" \
+train --phases unet --init-from "$UNET_FROM" --text-encoder-from "$OUT/clip" --unet-steps "$UNET_STEPS" \
   --unet-batch "$UNET_BATCH" --unet-lr "$UNET_LR" --phase-seconds "$(cap "${UNET_S:-}" unet)"
 echo "$(date -u +%FT%TZ) done"

@@ -22,7 +22,8 @@ else
 fi
 WORK=${WORK:-/tmp/world-v2}
 if [ -d training/world-v2/clip ]; then
-  export SD_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip
+  export VAE_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip
+  [ -d training/world-v2/sd/unet ] && export UNET_FROM=training/world-v2/sd
   [ "${FREEZE_TOWER:-0}" = 1 ] && export TOWER=training/world-v2/clip
 fi
 DEVICE=${DEVICE:-cuda} OUT=$WORK POOL=${POOL:-200000} WORKERS=${WORKERS:-15} CHECKPOINT=500 TQDM_MININTERVAL=20 \
