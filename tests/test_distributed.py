@@ -303,6 +303,7 @@ def worker(workdir: str, model: str) -> None:
     found = find_each(pipe32, subjects, os.path.join(workdir, "two"), folder_config(3), cache_dir=cache)
     with open(os.path.join(workdir, f"written.rank{rank}.json"), "w") as f:
         json.dump(found.written_by[rank], f)
+    leave_process_group()
 
 
 def folder_worker(subjects: str, out: str, model: str) -> None:
@@ -318,6 +319,16 @@ def folder_worker(subjects: str, out: str, model: str) -> None:
     )
     if rank == 0:
         print(json.dumps(found.to_dict(), indent=2))
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Wait for the other process, then close the group: left to interpreter exit, gloo's threads can be torn
+    down while still joinable ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
