@@ -13,7 +13,8 @@ import zlib
 import numpy as np
 
 from cones_world.scene import BLACK, COLOURS, PLAIN_BACKGROUNDS, TONES, Background, Scene, Thing
-from cones_world.v2.render import shape_mask  # the shapes are the same in both worlds
+from cones_world.v2.render import shape_mask
+from cones_world.v2.render import thing_mask as thing_mask  # the same shapes, and masks, in both worlds
 
 SUPERSAMPLE = 2
 
@@ -135,13 +136,3 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
         _paint_thing(img, thing, big)
     img = img.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def thing_mask(thing: Thing, size: int = 64) -> np.ndarray:
-    """(size, size) bool: the pixels whose centre lies inside `thing`'s body (not its hat), as `render` draws
-    it: the subject's true mask, against which an attention map is measured."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = thing.radius * size
-    u = ((xx + 0.5) - thing.x * size) / r
-    v = ((yy + 0.5) - thing.y * size) / r
-    return shape_mask(thing.shape, u, v)
