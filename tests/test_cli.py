@@ -46,6 +46,21 @@ def test_help_lists_the_commands(capsys):
         assert command in out
 
 
+def test_every_help_ends_with_an_example(capsys):
+    """Each command's --help keeps its prose on top and ends with runnable examples of that command."""
+    from cones.cli import _commands
+
+    for name in [None, *_commands()]:
+        with pytest.raises(SystemExit):
+            main(["--help"] if name is None else [name, "--help"])
+        lines = capsys.readouterr().out.rstrip().splitlines()
+        start = lines.index("examples:")
+        assert lines[start + 1].lstrip().startswith(("cones", "torchrun")), name
+        assert all(line.startswith("  ") for line in lines[start + 1 :]), name
+        if name is not None:
+            assert any(f"cones {name}" in line or f"cli {name}" in line for line in lines[start:]), name
+
+
 def test_find_then_generate(tiny_pipe_path, photos, tmp_path, capsys):
     out = str(tmp_path / "dog.cones")
     assert (

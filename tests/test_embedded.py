@@ -251,6 +251,7 @@ def test_the_subject_detector_tells_a_subject_from_its_class_on_renders():
     assert detector.present(others).float().mean() < 0.2
 
 
+@pytest.mark.slow
 def test_the_detector_for_generated_images_learns_renders_as_the_vae_returns_them():
     from diffusers import AutoencoderKL
 

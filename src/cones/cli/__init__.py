@@ -51,18 +51,41 @@ def _commands() -> dict:
     return dict(sorted(commands.items()))
 
 
+EXAMPLE_STARTS = ("cones ", "torchrun ", "python ")
+
+
+def split_examples(doc: str) -> tuple[str, str]:
+    """A command module's docstring as (description, examples): its indented command lines move to the end
+    of `--help`, where a reader who has just seen the options looks for how to put them together."""
+    prose, examples = [], []
+    for paragraph in (doc or "").strip().split("\n\n"):
+        lines = paragraph.splitlines()
+        is_example = lines[0].lstrip().startswith(EXAMPLE_STARTS) and all(
+            line.lstrip().startswith(EXAMPLE_STARTS) or line.startswith("    ") for line in lines
+        )
+        (examples if is_example else prose).append(paragraph)
+    return "\n\n".join(prose), "examples:\n" + "\n".join(examples) if examples else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cones",
         description="Concept neurons in diffusion models: find them, shut them, store and combine them.",
+        epilog="examples:\n"
+        "  cones demo                        # the whole job on the embedded model, in minutes on a CPU\n"
+        "  cones find --images photos/ --token sks --class-word dog --out dog.cones --model sd15/\n"
+        "  cones COMMAND --help              # each command's options and examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _commands().items():
+        description, examples = split_examples(module.__doc__)
         p = sub.add_parser(
             name,
             help=module.HELP,
-            description=module.__doc__,
+            description=description,
+            epilog=examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)

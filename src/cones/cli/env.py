@@ -1,4 +1,8 @@
-"""Print versions and devices, for bug reports."""
+"""Print versions and devices, for bug reports.
+
+  cones env
+  cones env --format json > env.json
+"""
 
 from __future__ import annotations
 
