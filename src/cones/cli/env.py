@@ -1,7 +1,7 @@
 """Print versions and devices, for bug reports.
 
-  cones env
-  cones env --format json > env.json
+cones env
+cones env --format json > env.json
 """
 
 from __future__ import annotations

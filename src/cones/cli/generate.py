@@ -1,7 +1,7 @@
 """Generate images from prompts, on the embedded model or any Stable Diffusion folder, with concepts shut.
 
-  cones generate "a red star on a sea background" --out out/
-  cones generate --concept circle.cones "a sks circle on a grass background" --seeds 0 1 2 3 --out out/
+cones generate "a red star on a sea background" --out out/
+cones generate --concept circle.cones "a sks circle on a grass background" --seeds 0 1 2 3 --out out/
 """
 
 from __future__ import annotations
