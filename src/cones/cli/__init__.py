@@ -14,6 +14,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import textwrap
 
 from cones.errors import ConesError
 
@@ -61,9 +62,12 @@ def split_examples(doc: str) -> tuple[str, str]:
     for paragraph in (doc or "").strip().split("\n\n"):
         lines = paragraph.splitlines()
         is_example = lines[0].lstrip().startswith(EXAMPLE_STARTS) and all(
-            line.lstrip().startswith(EXAMPLE_STARTS) or line.startswith("    ") for line in lines
+            line.lstrip().startswith(EXAMPLE_STARTS) or line.startswith("  ") for line in lines
         )
-        (examples if is_example else prose).append(paragraph)
+        if is_example:
+            examples.append(textwrap.indent(textwrap.dedent(paragraph), "  "))
+        else:
+            prose.append(paragraph)
     return "\n\n".join(prose), "examples:\n" + "\n".join(examples) if examples else ""
 
 
