@@ -61,11 +61,12 @@ from cones.evaluate import ClipScorer, image_alignment, roc_auc, strip_identifie
 from cones.find import FindConfig, SubjectImages, find_concept, multi_objective, subject_objective
 from cones.fingerprint import model_fingerprint
 from cones.generate import generate
+from cones.labels import labelled_grid
 from cones.neurons import ConceptNeurons
 from cones.overlap import overlap
 from cones.patches import applied
 from cones.pipeline import load_pipeline
-from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
+from cones.plots import bar_chart, heatmap, layer_label
 from cones.refine import concatenate, joint_search, refine_concepts, sequential_search
 from cones.storage import load_concept_file, save_concept
 from cones_world.concepts import (
@@ -368,7 +369,7 @@ def main() -> None:
         timings["generate_and_score_s"] += time.perf_counter() - start
         refs = [references(SUBJECTS[n])[1][0] for n in combo]
         methods = ["renders", *concepts]
-        grids[k] = labeled_grid(
+        grids[k] = labelled_grid(
             [refs] + [images[m][0] for m in methods], ["references", *methods], title=prompts[0], scale=2
         )
         log(f"[{time.perf_counter() - started:.0f}s] {k} subjects done")
@@ -478,7 +479,7 @@ def main() -> None:
         picture.save(RESULTS / f"multi-{k}.png")
     layer_chart.save(RESULTS / "multi-overlap-layers.png")
     pair_chart.save(RESULTS / "multi-overlap-pairs.png")
-    labeled_grid(
+    labelled_grid(
         [r for _, r in sequential_grid],
         [lab for lab, _ in sequential_grid],
         title="sequential learning",

@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 from results_io import DETECTOR_CACHE, RESULTS, save_results
 
 import cones
@@ -51,6 +50,7 @@ from cones.baselines import custom_diffusion, dreambooth, textual_inversion
 from cones.evaluate import ClipScorer, score
 from cones.find import FindConfig, SubjectImages, subject_objective
 from cones.generate import generate
+from cones.labels import labelled_grid
 from cones.objective import SumObjective
 from cones.prompts import SubjectWords, composition_prompts
 from cones.refine import concatenate, refine_concepts
@@ -185,41 +185,6 @@ SETTINGS = {
         detector_renders=200,
     ),
 }
-
-
-def labelled_grid(
-    rows: list[tuple[str, list[Image.Image]]], title: str = "", scale: int = 2, label_width: int = 150
-) -> Image.Image:
-    """Rows of equally sized images, each with its label on the left, under a title line, on white."""
-    size = rows[0][1][0].width * scale
-    columns = max(len(images) for _, images in rows)
-    width = label_width + columns * size
-    title_lines = _wrap(title, width // 6) if title else []
-    top = 12 * len(title_lines) + (8 if title_lines else 0)
-    picture = Image.new("RGB", (width, top + len(rows) * size), "white")
-    draw = ImageDraw.Draw(picture)
-    for i, line in enumerate(title_lines):
-        draw.text((4, 4 + 12 * i), line, fill="black")
-    for r, (label, images) in enumerate(rows):
-        y = top + r * size
-        for i, line in enumerate(_wrap(label, 22)):
-            draw.text((4, y + 4 + 12 * i), line, fill="black")
-        for c, image in enumerate(images):
-            picture.paste(
-                image.convert("RGB").resize((size, size), Image.NEAREST), (label_width + c * size, y)
-            )
-    return picture
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line]
 
 
 def main() -> None:
@@ -419,9 +384,11 @@ def main() -> None:
         refs_row = [concepts.references(s)[1][0] for s in subjects[:n]]
         rows = [("References", refs_row)]
         rows += [(LABELS[m], e["showcase"]) for m, e in methods[n].items()]
-        labelled_grid(rows, title=f'"{group_prompts[n][0]}", one column per seed').save(
-            out / "paper" / f"fig7-{n}-subjects.png"
-        )
+        labelled_grid(
+            [images for _, images in rows],
+            [label for label, _ in rows],
+            title=f'"{group_prompts[n][0]}", one column per seed',
+        ).save(out / "paper" / f"fig7-{n}-subjects.png")
     rows = []
     for n in range(2, 5):
         rows.append(
@@ -431,9 +398,11 @@ def main() -> None:
         rows.append(
             (f"{n} subjects: Custom Diffusion merge", methods[n]["custom_diffusion_merge"]["showcase"])
         )
-    labelled_grid(rows, title="Tuning-free composition of single-subject results (figure 8)").save(
-        out / "paper" / "fig8-tuning-free.png"
-    )
+    labelled_grid(
+        [images for _, images in rows],
+        [label for label, _ in rows],
+        title="Tuning-free composition of single-subject results (figure 8)",
+    ).save(out / "paper" / "fig8-tuning-free.png")
 
     # 8. JSON and markdown.
     report = {

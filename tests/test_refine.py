@@ -14,7 +14,7 @@ from cones.find import FindConfig, SubjectImages, multi_objective
 from cones.neurons import ConceptNeurons
 from cones.objective import ConceptObjective, ObjectiveConfig, SumObjective
 from cones.overlap import overlap
-from cones.plots import bar_chart, heatmap, labeled_grid, layer_label
+from cones.plots import bar_chart, heatmap, layer_label
 from cones.refine import concatenate, joint_search, parts_of, refine_concepts, sequential_search
 from cones.switching import applied_concepts
 from cones.targets import parameter_shapes
@@ -309,14 +309,6 @@ def test_heatmap_shades_grow_with_the_value():
     brightness = {key: sum(rgb) for key, rgb in shade.items()}
     assert shade[(0, 0)] == (255, 255, 255)
     assert brightness[(0, 0)] > brightness[(1, 1)] > brightness[(0, 1)] > brightness[(1, 0)]
-
-
-def test_labeled_grid_pastes_scaled_images_in_rows():
-    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
-    tiles = [Image.new("RGB", (4, 3), c) for c in colours]
-    image = labeled_grid([tiles[:2], tiles[2:]], ["first", "second"], scale=3)
-    for colour in colours:
-        assert runs_of(image, colour) == [12] * 9  # each tile is 12 x 9 pixels after scaling by 3
 
 
 def test_layer_labels_are_short():

@@ -1,12 +1,11 @@
-"""Small charts drawn with Pillow alone: grouped bars, a heat map, and a labelled image grid.
+"""Small charts drawn with Pillow alone: grouped bars and a heat map (image grids: `cones.labels`).
 
-The project has no plotting library; these three cover what benchmarks and commands show (neurons per
+The project has no plotting library; these cover what benchmarks and commands show (neurons per
 layer, overlaps between concepts, generated images side by side). Each returns a `PIL.Image` (RGB) that
 the caller saves; nothing here writes files. Text uses Pillow's built-in scalable font.
 
     bar_chart(["down.0 k", "up.1 v"], {"shared": [0.02, 0.05], "chance": [0.01, 0.01]}, title="overlap")
     heatmap([[1.0, 0.1], [0.1, 1.0]], ["a", "b"], ["a", "b"])
-    labeled_grid([[im1, im2], [im3, im4]], ["base", "concept"], title="a sks dog")
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "bar_chart", "heatmap", "labeled_grid", "layer_label"]
+__all__ = ["PALETTE", "bar_chart", "heatmap", "layer_label"]
 
 # Distinguishable colours (Tableau 10), one per series, in order.
 PALETTE = (
@@ -213,46 +212,4 @@ def heatmap(
             ink = WHITE if sum(colour) < 3 * 128 else BLACK
             tx = box[0] + (cell - _text_width(font, text)) // 2
             draw.text((tx, box[1] + (cell - line) // 2), text, fill=ink, font=font)
-    return image
-
-
-def labeled_grid(
-    rows: Sequence[Sequence[Image.Image]],
-    row_labels: Sequence[str],
-    *,
-    title: str = "",
-    scale: int = 2,
-    font_size: int = 12,
-) -> Image.Image:
-    """Rows of images (each image scaled by `scale`, nearest neighbour) with a label left of each row.
-
-    Rows may differ in length; images in a row are pasted left to right with a 2-pixel gap.
-    """
-    if len(rows) != len(row_labels):
-        raise ValueError(f"{len(rows)} rows but {len(row_labels)} `row_labels`; give one label per row.")
-    font, bold = _font(font_size), _font(font_size + 2)
-    line = font_size + 4
-    scaled = [
-        [im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row]
-        for row in rows
-    ]
-    heights = [max((im.height for im in row), default=line) for row in scaled]
-    widths = [sum(im.width + 2 for im in row) for row in scaled]
-    label_w = max((_text_width(font, label) for label in row_labels), default=0) + PAD
-    title_h = line + PAD if title else 0
-    x0, y0 = PAD + label_w, PAD + title_h
-    image = Image.new(
-        "RGB", (x0 + max(widths, default=0) + PAD, y0 + sum(h + 2 for h in heights) + PAD), WHITE
-    )
-    draw = ImageDraw.Draw(image)
-    if title:
-        draw.text((PAD, PAD), title, fill=BLACK, font=bold)
-    y = y0
-    for row, label, height in zip(scaled, row_labels, heights, strict=True):
-        draw.text((PAD, y + (height - line) // 2), label, fill=BLACK, font=font)
-        x = x0
-        for im in row:
-            image.paste(im, (x, y))
-            x += im.width + 2
-        y += height + 2
     return image
