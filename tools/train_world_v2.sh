@@ -2,14 +2,19 @@
 # Train world v2 in the order its parts depend on each other, each phase resumable from its checkpoint:
 #   1. the pool of renders and alt-text captions;
 #   2. the VAE, continued from VAE_FROM's on the new colours;
-#   3. the CLIP (the judge, and the text tower), continued from CLIP_FROM on alt text;
-#   4. the UNet, continued from UNET_FROM's, conditioned on the CLIP's text tower, frozen.
+#   3. the CLIP (the judge, and the text tower until one is frozen), continued from CLIP_FROM on alt text;
+#   4. the UNet, continued from UNET_FROM's, conditioned on the text tower, frozen.
 # Run it again after an interruption and it goes on where it stopped (at most CHECKPOINT steps lost).
 #
 #   bash tools/train_world_v2.sh                                   # CPU, into ~/.cache/cones/world-v2
-#   VAE_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip bash tools/train_world_v2.sh
-#       # continue a committed run's VAE and CLIP (add TOWER=training/world-v2/clip to keep its tower as it
-#       # is); the UNet starts from UNET_FROM (the shipped one unless the run committed its own)
+#   VAE_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip UNET_FROM=training/world-v2/sd \
+#     TOWER=training/world-v2/sd VAE_STEPS=0 bash tools/train_world_v2.sh
+#       # continue a committed run: the judge CLIP and the UNet go on, the UNet on the tower it has read
+#
+# TOWER freezes a text tower: a CLIP folder, or a Stable Diffusion folder (its text_encoder and tokenizer).
+# Once a UNet has learnt to read a tower, that tower stays, and the CLIP phase trains the judge alone (as
+# Stable Diffusion's text encoder stays while other CLIPs judge its images). Without TOWER, the CLIP the
+# phase trains is the tower.
 #
 # Every setting is an environment variable; the defaults are sized for a 2-core CPU. VAE_S, CLIP_S and
 # UNET_S cap a phase's wall-clock seconds (a GPU slot); a capped phase counts as finished.
@@ -39,13 +44,19 @@ echo "$(date -u +%FT%TZ) world v2 training into $OUT on $DEVICE"
 train --phases pool
 train --phases vae --init-from "$VAE_FROM" --vae-steps "$VAE_STEPS" --vae-batch "$VAE_BATCH" --vae-lr "$VAE_LR" \
   --phase-seconds "$(cap "${VAE_S:-}" vae)"
-if [ -n "$TOWER" ]; then  # a text tower trained before: the UNet keeps reading it, unchanged
-  rm -rf "$OUT/clip" && cp -r "$TOWER" "$OUT/clip"
-else
-  train --phases clip --init-from "$VAE_FROM" --clip-init-from "$CLIP_FROM" --clip-steps "$CLIP_STEPS" \
-    --clip-batch "$CLIP_BATCH" --clip-lr "$CLIP_LR" --clip-decoded-share 0.3 --clip-decoded-pool 6000 \
-    --phase-seconds "$(cap "${CLIP_S:-}" clip)"
+train --phases clip --init-from "$VAE_FROM" --clip-init-from "$CLIP_FROM" --clip-steps "$CLIP_STEPS" \
+  --clip-batch "$CLIP_BATCH" --clip-lr "$CLIP_LR" --clip-decoded-share 0.3 --clip-decoded-pool 6000 \
+  --phase-seconds "$(cap "${CLIP_S:-}" clip)"
+tower="$OUT/clip"
+if [ -n "$TOWER" ]; then  # a tower a UNet has read before: kept as it is, in a folder of its own
+  tower="$OUT/tower"
+  rm -rf "$tower" && mkdir -p "$tower"
+  if [ -d "$TOWER/text_encoder" ]; then
+    cp "$TOWER"/text_encoder/* "$TOWER"/tokenizer/* "$tower"/
+  else
+    cp -r "$TOWER"/. "$tower"/
+  fi
 fi
-train --phases unet --init-from "$UNET_FROM" --text-encoder-from "$OUT/clip" --unet-steps "$UNET_STEPS" \
+train --phases unet --init-from "$UNET_FROM" --text-encoder-from "$tower" --unet-steps "$UNET_STEPS" \
   --unet-batch "$UNET_BATCH" --unet-lr "$UNET_LR" --phase-seconds "$(cap "${UNET_S:-}" unet)"
 echo "$(date -u +%FT%TZ) done"

@@ -7,8 +7,12 @@
 #   back here: cat FILES/weights.tar.part* | tar -x -C training/world-v2-new
 #
 # Where a committed run exists (training/world-v2 with sd/ and clip/), it is continued: its VAE, CLIP and
-# UNet go on (the CLIP first, then the UNet on its tower; FREEZE_TOWER=1 keeps the committed tower instead,
-# once a UNet has learnt to read it). Otherwise everything starts from the shipped world v1 weights.
+# UNet go on. Once it holds a UNet (sd/unet), the UNet keeps reading the tower it learnt on (sd/'s text
+# encoder) and the CLIP phase trains the judge alone; before that, the CLIP trains first and is the tower.
+# FREEZE_TOWER=0 or 1 overrides that choice. Otherwise everything starts from the shipped world v1 weights.
+#
+# While world v1's weights and training/world-v2 are both tracked, the tree is over the 64 MiB a call
+# carries: `bash tools/gpu/travel_light.sh on` before the call, `... off` after it (commit nothing between).
 # Phase caps in seconds: VAE_S, CLIP_S, UNET_S.
 # Dry run on a CPU: DEVICE=cpu POOL=600 WORKERS=2 VAE_S=10 CLIP_S=10 UNET_S=10 OUT=/tmp/out bash tools/gpu/train_world_v2.sh
 set -uo pipefail
@@ -23,8 +27,9 @@ fi
 WORK=${WORK:-/tmp/world-v2}
 if [ -d training/world-v2/clip ]; then
   export VAE_FROM=training/world-v2/sd CLIP_FROM=training/world-v2/clip
-  [ -d training/world-v2/sd/unet ] && export UNET_FROM=training/world-v2/sd
-  [ "${FREEZE_TOWER:-0}" = 1 ] && export TOWER=training/world-v2/clip
+  freeze=0
+  [ -d training/world-v2/sd/unet ] && export UNET_FROM=training/world-v2/sd && freeze=1
+  [ "${FREEZE_TOWER:-$freeze}" = 1 ] && export TOWER=training/world-v2/sd
 fi
 DEVICE=${DEVICE:-cuda} OUT=$WORK POOL=${POOL:-200000} WORKERS=${WORKERS:-15} CHECKPOINT=500 TQDM_MININTERVAL=20 \
   VAE_S=${VAE_S:-60} CLIP_S=${CLIP_S:-150} UNET_S=${UNET_S:-270} VAE_STEPS=100000 CLIP_STEPS=100000 UNET_STEPS=1000000 \
