@@ -30,7 +30,7 @@ from cones.evaluate import ClipScorer, text_pathway
 from cones.generate import generate
 from cones.pipeline import load_pipeline
 from cones_world.concepts import subject_detector
-from cones_world.v2.colours import COLOUR_WORDS, colour_word
+from cones_world.v2.colours import COLOUR_WORDS, colour_margin, colour_word
 from cones_world.v2.render import render
 from cones_world.v2.scene import (
     PATTERN_PHRASES,
@@ -48,6 +48,9 @@ from cones_world.v2.subjects import SUBJECTS
 BACKGROUND_WORDS = (*PLACES, "white", "gray", "black", "blue", "yellow", "pink")
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOUR_WORDS), "background": BACKGROUND_WORDS}
 PATTERN_KINDS = ("solid", *PATTERN_PHRASES)
+# A render's colour is "clear" when its nearest colour word is at least this much nearer (CIELAB delta E)
+# than the next: the colours a prompt's word asks for. Between two words a person would hesitate too.
+CLEAR_COLOUR = 10.0
 
 
 def prompt_of(p: dict) -> str:
@@ -88,6 +91,7 @@ def random_renders(n: int, seed: int) -> tuple[list[Image.Image], list[dict]]:
                 "shape": thing.shape,
                 "background": background.word,
                 "pattern": thing.pattern.kind,
+                "colour_margin": colour_margin(thing.colour),
             }
         )
     return images, facts
@@ -210,6 +214,10 @@ def markdown(r: dict) -> str:
             f"| {label} | {v['shape']:.0%} | {v['colour']:.0%} | {v['background']:.0%} | "
             f"{v.get('pattern', float('nan')):.0%} |"
         )
+    lines.append(
+        f"| judge on renders of a clear colour (next word ≥ {CLEAR_COLOUR:.0f} ΔE further) | | "
+        f"{r['judge_on_clear_colours']:.0%} | | |"
+    )
     lines += ["", "| ingredient | judge on renders | drawn when named |", "|---|---|---|"]
     for k, v in r["ingredients"].items():
         lines.append(f"| {k} | {r['judge_on_ingredients'].get(k, float('nan')):.0%} | {v:.0%} |")
@@ -258,6 +266,10 @@ def main() -> None:
     report["judge_on_renders"] = zero_shot(
         scorer, images, facts, ("shape", "colour", "background", "pattern")
     )
+    clear = [i for i, f in enumerate(facts) if f["colour_margin"] >= CLEAR_COLOUR]
+    report["judge_on_clear_colours"] = zero_shot(
+        scorer, [images[i] for i in clear], [facts[i] for i in clear], ("colour",)
+    )["colour"]
     report["judge_on_ingredients"] = judge_on_patterns(scorer, n_renders // 10)
     prompts = single_object_prompts(n_prompts, seed=3)
     rows = generate(pipe, [prompt_of(p) for p in prompts], list(range(n_seeds)))

@@ -54,6 +54,13 @@ def colour_word(rgb: RGB) -> str:
     return list(COLOUR_WORDS)[int(np.argmin(np.linalg.norm(_WORD_LAB - to_lab(rgb), axis=-1)))]
 
 
+def colour_margin(rgb: RGB) -> float:
+    """How much nearer `rgb` is to its colour word than to the next word (delta E): near 0 on a boundary,
+    where "red" or "orange" are both fair names."""
+    nearest, second = np.sort(np.linalg.norm(_WORD_LAB - to_lab(rgb), axis=-1))[:2]
+    return float(second - nearest)
+
+
 def sample_colour(rng: random.Random) -> RGB:
     """A colour from the whole gamut: mostly saturated hues of any angle, sometimes a gray level."""
     if rng.random() < 0.15:
