@@ -37,20 +37,7 @@ DEVICE=${DEVICE:-cuda} OUT=$WORK POOL=${POOL:-200000} WORKERS=${WORKERS:-15} CHE
   VAE_LR=${VAE_LR:-3e-4} CLIP_LR=${CLIP_LR:-3e-4} UNET_LR=${UNET_LR:-2e-4} \
   bash tools/train_world_v2.sh > "$OUT/train.log" 2>&1 || { tail -n 40 "$OUT/train.log"; exit 1; }
 echo "trained in $(( $(date +%s) - start )) s"
-python3 - "$WORK" "$OUT" "${DEVICE:-cuda}" <<'PY'
-import sys, numpy as np, torch
-from PIL import Image
-from diffusers import StableDiffusionPipeline
-work, out, device = sys.argv[1:]
-pipe = StableDiffusionPipeline.from_pretrained(f"{work}/sd").to(device)
-pipe.set_progress_bar_config(disable=True)
-prompts = ["a red circle with stripes on a grass background", "a big blue star with a face", "a small yellow heart next to a green square on a night background", "a purple triangle wearing a hat on a snow background", "a sks circle", "a circle", "a dax", "a cyan hexagon with rings on a pink background"]
-rows = []
-for p in prompts:
-    ims = pipe([p] * 8, num_inference_steps=25, height=64, width=64, generator=torch.Generator(device).manual_seed(0)).images
-    rows.append(np.concatenate([np.asarray(i) for i in ims], axis=1))
-Image.fromarray(np.concatenate(rows, axis=0)).save(f"{out}/samples.png")
-PY
+python3 tools/sample_world_v2.py "$WORK/sd" "$OUT/samples.png" --seeds 8 --device "${DEVICE:-cuda}"
 (cd "$WORK" && tar -cf /tmp/world-v2-weights.tar sd clip report-*.json)
 split -b 15m -d /tmp/world-v2-weights.tar "$OUT/weights.tar.part"
 gzip -c "$OUT/train.log" > "$OUT/train.log.gz" && rm "$OUT/train.log"
